@@ -1,0 +1,240 @@
+"""`ElitePipeline`: Stable Diffusion 1.x generation with ELITE concepts, batched.
+
+Classifier-free guidance runs as one UNet call per step for the whole batch (unconditional rows
+first, then conditional). Each image has its own seed or generator, and the local branch is
+normalised per sample by default, so an image does not depend on what else is in its batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, LMSDiscreteScheduler, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel
+
+from elite.attention import LocalInjection, Normalization, elite_attention
+from elite.checkpoints import load_mapper
+from elite.concepts import ConceptEmbedding
+from elite.encoder import ConceptEncoderModule, TorchConceptEncoder, check_vision_model
+from elite.errors import CheckpointError, InputError
+from elite.mappers import GlobalMapper, LocalMapper, cross_attention_layers
+from elite.text import encode_prompts
+
+ConceptsArg = ConceptEmbedding | Mapping[str, ConceptEmbedding] | Sequence[ConceptEmbedding | Mapping[str, ConceptEmbedding]]
+ImageArg = Image.Image | None
+
+
+@dataclass
+class ElitePipelineOutput:
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+    seeds: list[int | None] = field(default_factory=list)  # the seed of each image; None where a generator was given
+
+
+def _load(what: str, loader: Any, source: str | os.PathLike[str], **kwargs: Any) -> Any:
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise CheckpointError(f"cannot load the {what} from {source}: {str(err).splitlines()[0]}") from err
+
+
+class ElitePipeline:
+    """Load SD 1.x + a CLIP vision tower + the two ELITE mappers; encode concepts; generate images."""
+
+    def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                 unet: UNet2DConditionModel, scheduler: SchedulerMixin, image_encoder: CLIPVisionModel,
+                 global_mapper: GlobalMapper, local_mapper: LocalMapper) -> None:
+        if text_encoder.config.hidden_size != global_mapper.config.output_dim:
+            raise CheckpointError(f"text encoder width {text_encoder.config.hidden_size} does not match the "
+                                  f"mappers' word width {global_mapper.config.output_dim}")
+        check_vision_model(image_encoder, global_mapper, "image encoder")
+        self.vae, self.text_encoder, self.tokenizer, self.unet = vae.eval(), text_encoder.eval(), tokenizer, unet.eval()
+        self.scheduler = scheduler
+        self.global_mapper, self.local_mapper = global_mapper.eval(), local_mapper.eval()
+        self.encoder = TorchConceptEncoder(ConceptEncoderModule(image_encoder, global_mapper, local_mapper),
+                                           device=unet.device, dtype=unet.dtype)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model: str | os.PathLike[str], vision_model: str | os.PathLike[str],
+                        global_mapper: str | os.PathLike[str], local_mapper: str | os.PathLike[str],
+                        torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        ) -> ElitePipeline:
+        """`pretrained_model`: an SD 1.x hub id or folder (diffusers layout); `vision_model`: a CLIP vision
+        tower id or folder; mappers: the release's `.pt` files or safetensors conversions."""
+        device = torch.device(device)
+        if torch_dtype == torch.float16 and device.type == "cpu":
+            raise InputError("float16 needs a CUDA device; use float32 or bfloat16 on the CPU")
+        kw: dict[str, Any] = {"torch_dtype": torch_dtype}
+        unet = _load("UNet", UNet2DConditionModel, pretrained_model, subfolder="unet", **kw)
+        vae = _load("VAE", AutoencoderKL, pretrained_model, subfolder="vae", **kw)
+        text_encoder = _load("text encoder", CLIPTextModel, pretrained_model, subfolder="text_encoder", **kw)
+        tokenizer = _load("tokenizer", CLIPTokenizer, pretrained_model, subfolder="tokenizer")
+        # Reference sampler: LMS on the model's own beta schedule (SD 1.x: scaled_linear 0.00085-0.012).
+        scheduler = _load("scheduler", LMSDiscreteScheduler, pretrained_model, subfolder="scheduler")
+        image_encoder = _load("image encoder", CLIPVisionModel, vision_model, **kw)
+        layers = cross_attention_layers(unet)
+        glob = load_mapper(GlobalMapper, global_mapper, layers, dtype=torch_dtype)
+        local = load_mapper(LocalMapper, local_mapper, layers, dtype=torch_dtype)
+        return cls(vae, text_encoder, tokenizer, unet, scheduler, image_encoder, glob, local).to(device)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ElitePipeline:
+        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        for module in (self.vae, self.text_encoder, self.unet, self.global_mapper, self.local_mapper):
+            module.to(**moves)
+        self.encoder = TorchConceptEncoder(self.encoder.module, device=self.unet.device, dtype=self.unet.dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def encode_concepts(self, images: Sequence[Image.Image], masks: Sequence[ImageArg] | None = None,
+                        concept_ids: Sequence[str] | None = None) -> list[ConceptEmbedding]:
+        return self.encoder.encode(images, masks, concept_ids)
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        concepts: ConceptsArg,
+        *,
+        placeholder: str = "S",  # reference template "a photo of a S"
+        negative_prompt: str | Sequence[str] = "",  # reference: empty unconditional prompt
+        lambda_local: float = 0.8,  # reference: lambda 0.8
+        guidance_scale: float = 5.0,  # reference: guidance 5
+        num_inference_steps: int = 100,  # reference: 100 (the authors' demo uses 20)
+        scheduler: SchedulerMixin | None = None,  # default: LMS, as the reference
+        seed: int | Sequence[int] | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        height: int = 512,
+        width: int = 512,
+        output_type: str = "pil",  # "pil" | "np" | "pt" | "latent"
+        attention_normalization: Normalization = "per_sample",
+        show_progress: bool = True,
+    ) -> ElitePipelineOutput:
+        # 1. Check inputs and bind every prompt's placeholders to concepts.
+        prompts, bindings = self._bind(prompt, concepts, placeholder)
+        batch = len(prompts)
+        negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != batch:
+            raise InputError(f"got {len(negatives)} negative prompts for {batch} images")
+        if height % self.vae_scale_factor or width % self.vae_scale_factor or height <= 0 or width <= 0:
+            raise InputError(f"height and width must be positive multiples of {self.vae_scale_factor}, "
+                             f"got {height}x{width}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise InputError(f"unknown output_type {output_type!r}")
+        if attention_normalization not in ("per_sample", "batch"):
+            raise InputError(f"unknown attention_normalization {attention_normalization!r}")
+        do_guidance = guidance_scale > 1.0
+
+        # 2. Encode prompts: w0 of each bound concept injected at its placeholder.
+        words = [{p: c.primary_word[None].to(self.device, self.unet.dtype) for p, c in b.items()} for b in bindings]
+        cond, slots = encode_prompts(self.text_encoder, self.tokenizer, prompts, words)
+        context = torch.cat([self._encode_plain(negatives), cond]) if do_guidance else cond  # (rows, ctx, dim)
+
+        # 3. Prepare latents, each image from its own seed or generator.
+        generators, seeds = self._generators(batch, seed, generator)
+        shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        # Drawn where each generator lives (CPU for seeds) in float32, so a seed gives the same image anywhere.
+        latents = torch.cat([torch.randn(shape, generator=g, device=g.device) for g in generators])
+        latents = latents.to(self.device, self.unet.dtype)
+        sched = type(scheduler or self.scheduler).from_config((scheduler or self.scheduler).config)
+        sched.set_timesteps(num_inference_steps, device=self.device)
+        latents = latents * sched.init_noise_sigma
+        step_kwargs = {"generator": generators} if "generator" in inspect.signature(sched.step).parameters else {}
+
+        # 4. Local branch for the conditional rows only.
+        injection = self._local_injection(bindings, slots, lambda_local, attention_normalization,
+                                          first_row=batch if do_guidance else 0)
+
+        # 5. Denoise: one UNet call per step for the whole batch.
+        with elite_attention(self.unet, self.global_mapper, self.local_mapper, injection):
+            for t in tqdm(sched.timesteps, desc="denoising", disable=not show_progress, leave=False):
+                model_input = torch.cat([latents, latents]) if do_guidance else latents  # (rows, c, h, w)
+                model_input = sched.scale_model_input(model_input, t)
+                noise = self.unet(model_input, t, encoder_hidden_states=context).sample
+                if do_guidance:
+                    noise_uncond, noise_cond = noise.chunk(2)
+                    noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+                latents = sched.step(noise, t, latents, **step_kwargs).prev_sample
+
+        # 6. Decode.
+        if output_type == "latent":
+            return ElitePipelineOutput(latents, seeds)
+        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        images = (images.float() / 2 + 0.5).clamp(0, 1)  # (batch, 3, height, width)
+        if output_type == "pt":
+            return ElitePipelineOutput(images.cpu(), seeds)
+        array = images.permute(0, 2, 3, 1).cpu().numpy()  # (batch, height, width, 3)
+        if output_type == "np":
+            return ElitePipelineOutput(array, seeds)
+        return ElitePipelineOutput([Image.fromarray(a) for a in (array * 255).round().astype(np.uint8)], seeds)
+
+    def _bind(self, prompt: str | Sequence[str], concepts: ConceptsArg,
+              placeholder: str) -> tuple[list[str], list[dict[str, ConceptEmbedding]]]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        items = [concepts] if isinstance(concepts, ConceptEmbedding | Mapping) else list(concepts)
+        if not prompts or not items:
+            raise InputError("at least one prompt and one concept are needed")
+        if len(prompts) == 1:
+            prompts = prompts * len(items)
+        if len(items) == 1:
+            items = items * len(prompts)
+        if len(items) != len(prompts):
+            raise InputError(f"got {len(prompts)} prompts and {len(items)} concepts; give one, or one per prompt")
+        bindings = [dict(item) if isinstance(item, Mapping) else {placeholder: item} for item in items]
+        for binding in bindings:
+            for key, value in binding.items():
+                if not isinstance(value, ConceptEmbedding):
+                    raise InputError(f"placeholder {key!r} is bound to a {type(value).__name__}, "
+                                     "not a ConceptEmbedding")
+        return prompts, bindings
+
+    def _encode_plain(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(input_ids=ids.to(self.device)).last_hidden_state  # (batch, ctx, dim)
+
+    def _generators(self, batch: int, seed: int | Sequence[int] | None,
+                    generator: torch.Generator | Sequence[torch.Generator] | None,
+                    ) -> tuple[list[torch.Generator], list[int | None]]:
+        """One generator per image: given, or seeded (an int seed s gives s, s+1, ...; none: random seeds)."""
+        if generator is not None and seed is not None:
+            raise InputError("give either seed or generator, not both")
+        if generator is not None:
+            generators = [generator] * batch if isinstance(generator, torch.Generator) else list(generator)
+            if len(generators) != batch:
+                raise InputError(f"got {len(generators)} generators for {batch} images")
+            return generators, [None] * batch
+        if seed is None:
+            seeds = [int(s) for s in torch.randint(0, 2**62, (batch,))]
+        else:
+            seeds = [seed + i for i in range(batch)] if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != batch:
+            raise InputError(f"got {len(seeds)} seeds for {batch} images")
+        return [torch.Generator("cpu").manual_seed(s) for s in seeds], list(seeds)
+
+    def _local_injection(self, bindings: list[dict[str, ConceptEmbedding]], slots: list[list[tuple[str, int]]],
+                         lambda_local: float, normalization: Normalization, first_row: int) -> LocalInjection:
+        batch, most = len(bindings), max(len(s) for s in slots)
+        patches, dim = next(iter(bindings[0].values())).local_tokens.shape
+        tokens = torch.zeros(batch, most, patches, dim)  # (batch, slots, patches, text_dim)
+        index = torch.zeros(batch, most, dtype=torch.long)
+        weight = torch.zeros(batch, most)
+        for row, (binding, row_slots) in enumerate(zip(bindings, slots)):
+            for k, (placeholder, position) in enumerate(row_slots):
+                tokens[row, k] = binding[placeholder].local_tokens
+                index[row, k] = position
+                weight[row, k] = lambda_local
+        rows = torch.arange(first_row, first_row + batch)
+        return LocalInjection(rows.to(self.device), tokens.to(self.device, self.unet.dtype), index.to(self.device),
+                              weight.to(self.device), normalization)

@@ -1,0 +1,121 @@
+"""Image and mask preprocessing for the concept encoder (method doc: CLIP input, object image, mask).
+
+Every PIL mode is accepted: palette, grayscale, CMYK, 16-bit and float images become 8-bit RGB,
+EXIF orientation is applied, and images with transparency are composited on white. Without a mask
+the object is taken from the alpha channel when there is one, else the whole image is the object.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from elite.errors import InputError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # method doc: CLIP pixel normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def open_image(source: str | os.PathLike[str] | bytes, name: str | None = None) -> Image.Image:
+    """Open and fully decode an image, EXIF orientation applied; InputError names `name` and the reason."""
+    label = name or (str(source) if not isinstance(source, bytes) else "image")
+    if isinstance(source, bytes) and not source:
+        raise InputError(f"{label}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            handle = io.BytesIO(source) if isinstance(source, bytes) else Path(source).open("rb")
+            with handle, Image.open(handle) as image:
+                image.load()
+                oriented = ImageOps.exif_transpose(image)
+                return oriented if oriented is not image else image.copy()
+    except FileNotFoundError as err:
+        raise InputError(f"{label}: no such file") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise InputError(f"{label}: refused as a decompression bomb: {err}") from err
+    except UnidentifiedImageError as err:
+        raise InputError(f"{label}: not an image PIL can read") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"{label}: corrupt or truncated image: {err}") from err
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode; transparency is composited on white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float32)
+        peak = float(values.max()) if values.size else 0.0
+        scale = 255.0 if peak <= 1.0 else (255.0 / 65535.0 if peak > 255.0 else 1.0)
+        image = Image.fromarray(np.clip(values * scale, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def alpha_mask(image: Image.Image) -> np.ndarray | None:
+    """The object as given by transparency (alpha > 0), or None for opaque images."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode not in ("RGBA", "LA", "PA"):
+        return None
+    alpha = np.asarray(image.getchannel("A"))
+    return None if alpha.min() == 255 else alpha > 0
+
+
+def mask_to_array(mask: Image.Image) -> np.ndarray:
+    """Binary object mask: any non-zero channel is object (the release's `_bg.png` are RGB)."""
+    if mask.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F", "1", "L"):
+        values = np.asarray(mask)
+        return values != 0
+    values = np.asarray(mask.convert("RGB"))
+    return values.max(axis=2) > 0
+
+
+@dataclass(frozen=True)
+class PreparedConcept:
+    pixel_values: torch.Tensor  # (3, size, size), CLIP-normalised whole image
+    object_pixel_values: torch.Tensor  # (3, size, size), CLIP-normalised image x mask
+    mask_grid: torch.Tensor  # (grid, grid), 1 = object patch
+
+
+@dataclass(frozen=True)
+class ConceptPreprocessor:
+    image_size: int = 224  # CLIP ViT-L/14 input
+    mask_grid: int = 16  # 224 / patch 14: one cell per patch token
+
+    def __call__(self, image: Image.Image, mask: Image.Image | None = None, name: str = "image") -> PreparedConcept:
+        rgb = np.asarray(to_rgb(image))  # (height, width, 3) uint8
+        if mask is not None:
+            if mask.size != image.size:
+                raise InputError(f"{name}: mask size {mask.size[0]}x{mask.size[1]} differs from image size "
+                                 f"{image.size[0]}x{image.size[1]}")
+            object_mask = mask_to_array(mask)
+        else:
+            found = alpha_mask(image)
+            object_mask = found if found is not None else np.ones(rgb.shape[:2], dtype=bool)
+        if not object_mask.any():
+            raise InputError(f"{name}: mask is empty (no object pixel)")
+        object_rgb = rgb * object_mask[..., None].astype(np.uint8)  # background set to black, as the release
+        grid = F.interpolate(  # nearest from full resolution equals the release's two nearest steps via 128
+            torch.from_numpy(object_mask.astype(np.float32))[None, None], size=(self.mask_grid, self.mask_grid),
+            mode="nearest",
+        )[0, 0]
+        return PreparedConcept(self._clip_tensor(rgb), self._clip_tensor(object_rgb), grid)
+
+    def _clip_tensor(self, rgb: np.ndarray) -> torch.Tensor:
+        resized = Image.fromarray(rgb).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).float() / 255.0  # (3, S, S)
+        mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+        std = torch.tensor(CLIP_STD).view(3, 1, 1)
+        return (pixels - mean) / std

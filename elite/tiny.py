@@ -1,0 +1,118 @@
+"""Tiny randomly initialised models in the real on-disk layouts, built offline.
+
+`make_tiny_models(DIR)` writes a complete SD 1.x repo (unet, vae, text_encoder, tokenizer,
+scheduler, model_index.json), a CLIP vision tower and the two mapper checkpoints in the release's
+`.pt` format. Tests and the offline demo load them through the same `from_pretrained` and
+checkpoint code as real weights. The tokenizer is a byte-level BPE built here from a small vocab.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
+
+from elite.mappers import GlobalMapper, LocalMapper, MapperConfig, cross_attention_layers
+
+TEXT_DIM = 32
+VISION_DIM = 32
+# Words that get whole-word merges, so prompts stay short; anything else falls back to bytes.
+MERGED_WORDS = ("a", "photo", "of", "the", "on", "in", "at", "with", "and", "next", "to", "beach", "dog",
+                "cat", "painting", "style", "picture", "table", "garden", "snow", "city", "street")
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    pretrained_model: Path  # SD 1.x layout
+    vision_model: Path
+    global_mapper: Path
+    local_mapper: Path
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2 / CLIP convention)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+
+
+def write_tokenizer_files(folder: Path) -> int:
+    """vocab.json + merges.txt of a small CLIP-style BPE; returns the vocab size."""
+    alphabet = _byte_alphabet()
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[str] = []
+    for word in MERGED_WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            if f"{pieces[0]} {pieces[1]}" not in merges:
+                merges.append(f"{pieces[0]} {pieces[1]}")
+                if merged not in vocab:
+                    vocab.append(merged)
+            pieces = [merged, *pieces[2:]]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**specials, "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True}))
+    return len(vocab)
+
+
+def make_tiny_models(out_dir: str | os.PathLike[str], seed: int = 0) -> TinyModels:
+    out = Path(out_dir)
+    paths = TinyModels(out / "stable-diffusion", out / "clip-vision", out / "global_mapper.pt",
+                       out / "local_mapper.pt")
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab_size = write_tokenizer_files(Path(scratch))
+        tokenizer = CLIPTokenizer.from_pretrained(scratch)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_DIM,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_DIM, attention_head_dim=4, norm_num_groups=32)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 32, 32), in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=32, sample_size=64, scaling_factor=0.18215)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(paths.pretrained_model)
+    # The tokenizer folder as SD 1.4 ships it: vocab.json + merges.txt + configs (no tokenizer.json).
+    tokenizer_dir = paths.pretrained_model / "tokenizer"
+    for stale in tokenizer_dir.iterdir():
+        stale.unlink()
+    write_tokenizer_files(tokenizer_dir)
+    CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=VISION_DIM, intermediate_size=37, num_hidden_layers=16, num_attention_heads=4,
+        image_size=224, patch_size=14, projection_dim=TEXT_DIM)).save_pretrained(paths.vision_model)
+
+    config = MapperConfig(input_dim=VISION_DIM, hidden_dim=64, output_dim=TEXT_DIM,
+                          cross_attention_layers=cross_attention_layers(unet))
+    for cls, path in ((GlobalMapper, paths.global_mapper), (LocalMapper, paths.local_mapper)):
+        mapper = cls(config)
+        for layer, _ in config.cross_attention_layers:  # as in training: k/v copies start from the UNet's
+            to_k, to_v = mapper.key_value(layer)
+            host = unet.get_submodule(layer)
+            to_k.weight.data.copy_(host.to_k.weight.data)
+            to_v.weight.data.copy_(host.to_v.weight.data)
+        torch.save(mapper.state_dict(), path)  # the release's format: a pickled plain state dict
+    return paths
