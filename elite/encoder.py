@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import CLIPVisionModel
 
 from elite.checkpoints import load_mapper
-from elite.concepts import ConceptEmbedding
+from elite.concepts import ConceptEmbedding, ConceptSource
 from elite.errors import CheckpointError, InputError
 from elite.mappers import GlobalMapper, LocalMapper
-from elite.preprocessing import ConceptPreprocessor
+from elite.preprocessing import ConceptPreprocessor, open_image
 
 FEATURE_LAYERS = (4, 8, 12, 16)  # method doc: hidden_states indices used after the last layer's output
 
@@ -102,3 +104,40 @@ class TorchConceptEncoder:
             mask_grid.to(self.device, self.dtype))
         return [ConceptEmbedding(cid, words[i].float().cpu(), local_tokens[i].float().cpu(), mask_grid[i])
                 for i, cid in enumerate(ids)]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One item a batch job could not process: which, at what stage, and why."""
+
+    item: str
+    stage: str
+    reason: str
+
+
+def encode_sources(encoder: ConceptEncoder, sources: Sequence[ConceptSource], batch_size: int = 8,
+                   show_progress: bool = True) -> tuple[list[ConceptEmbedding], list[Failure]]:
+    """Encode concept files in batches; a bad item is recorded as a Failure and the rest carry on."""
+    embeddings: list[ConceptEmbedding] = []
+    failures: list[Failure] = []
+    with tqdm(total=len(sources), desc="encoding", unit="concept", disable=not show_progress) as bar:
+        for start in range(0, len(sources), batch_size):
+            chunk = sources[start:start + batch_size]
+            loaded = []
+            for source in chunk:
+                try:
+                    image = open_image(source.image, name=source.concept_id)
+                    mask = open_image(source.mask, name=f"{source.concept_id} mask") if source.mask else None
+                    loaded.append((source.concept_id, image, mask))
+                except InputError as err:
+                    failures.append(Failure(source.concept_id, "read", str(err)))
+            try:
+                embeddings += encoder.encode([x[1] for x in loaded], [x[2] for x in loaded], [x[0] for x in loaded])
+            except InputError:  # one bad item spoils the batch: encode one by one to isolate it
+                for concept_id, image, mask in loaded:
+                    try:
+                        embeddings += encoder.encode([image], [mask], [concept_id])
+                    except InputError as err:
+                        failures.append(Failure(concept_id, "preprocess", str(err)))
+            bar.update(len(chunk))
+    return embeddings, failures

@@ -7,6 +7,7 @@ normalised per sample by default, so an image does not depend on what else is in
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 from collections.abc import Mapping, Sequence
@@ -50,26 +51,28 @@ class ElitePipeline:
     """Load SD 1.x + a CLIP vision tower + the two ELITE mappers; encode concepts; generate images."""
 
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
-                 unet: UNet2DConditionModel, scheduler: SchedulerMixin, image_encoder: CLIPVisionModel,
+                 unet: UNet2DConditionModel, scheduler: SchedulerMixin, image_encoder: CLIPVisionModel | None,
                  global_mapper: GlobalMapper, local_mapper: LocalMapper) -> None:
         if text_encoder.config.hidden_size != global_mapper.config.output_dim:
             raise CheckpointError(f"text encoder width {text_encoder.config.hidden_size} does not match the "
                                   f"mappers' word width {global_mapper.config.output_dim}")
-        check_vision_model(image_encoder, global_mapper, "image encoder")
         self.vae, self.text_encoder, self.tokenizer, self.unet = vae.eval(), text_encoder.eval(), tokenizer, unet.eval()
         self.scheduler = scheduler
         self.global_mapper, self.local_mapper = global_mapper.eval(), local_mapper.eval()
-        self.encoder = TorchConceptEncoder(ConceptEncoderModule(image_encoder, global_mapper, local_mapper),
-                                           device=unet.device, dtype=unet.dtype)
+        self.encoder: TorchConceptEncoder | None = None
+        if image_encoder is not None:  # only needed to encode concepts, not to generate from stored ones
+            check_vision_model(image_encoder, global_mapper, "image encoder")
+            self.encoder = TorchConceptEncoder(ConceptEncoderModule(image_encoder, global_mapper, local_mapper),
+                                               device=unet.device, dtype=unet.dtype)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model: str | os.PathLike[str], vision_model: str | os.PathLike[str],
+    def from_pretrained(cls, pretrained_model: str | os.PathLike[str], vision_model: str | os.PathLike[str] | None,
                         global_mapper: str | os.PathLike[str], local_mapper: str | os.PathLike[str],
                         torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                         ) -> ElitePipeline:
         """`pretrained_model`: an SD 1.x hub id or folder (diffusers layout); `vision_model`: a CLIP vision
-        tower id or folder; mappers: the release's `.pt` files or safetensors conversions."""
+        tower id or folder (None: generation only); mappers: the release's `.pt` files or safetensors conversions."""
         device = torch.device(device)
         if torch_dtype == torch.float16 and device.type == "cpu":
             raise InputError("float16 needs a CUDA device; use float32 or bfloat16 on the CPU")
@@ -80,7 +83,7 @@ class ElitePipeline:
         tokenizer = _load("tokenizer", CLIPTokenizer, pretrained_model, subfolder="tokenizer")
         # Reference sampler: LMS on the model's own beta schedule (SD 1.x: scaled_linear 0.00085-0.012).
         scheduler = _load("scheduler", LMSDiscreteScheduler, pretrained_model, subfolder="scheduler")
-        image_encoder = _load("image encoder", CLIPVisionModel, vision_model, **kw)
+        image_encoder = _load("image encoder", CLIPVisionModel, vision_model, **kw) if vision_model else None
         layers = cross_attention_layers(unet)
         glob = load_mapper(GlobalMapper, global_mapper, layers, dtype=torch_dtype)
         local = load_mapper(LocalMapper, local_mapper, layers, dtype=torch_dtype)
@@ -90,7 +93,8 @@ class ElitePipeline:
         moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for module in (self.vae, self.text_encoder, self.unet, self.global_mapper, self.local_mapper):
             module.to(**moves)
-        self.encoder = TorchConceptEncoder(self.encoder.module, device=self.unet.device, dtype=self.unet.dtype)
+        if self.encoder is not None:
+            self.encoder = TorchConceptEncoder(self.encoder.module, device=self.unet.device, dtype=self.unet.dtype)
         return self
 
     @property
@@ -99,6 +103,8 @@ class ElitePipeline:
 
     def encode_concepts(self, images: Sequence[Image.Image], masks: Sequence[ImageArg] | None = None,
                         concept_ids: Sequence[str] | None = None) -> list[ConceptEmbedding]:
+        if self.encoder is None:
+            raise InputError("this pipeline was loaded without a vision model; it can only generate")
         return self.encoder.encode(images, masks, concept_ids)
 
     @torch.inference_mode()
@@ -238,3 +244,20 @@ class ElitePipeline:
         rows = torch.arange(first_row, first_row + batch)
         return LocalInjection(rows.to(self.device), tokens.to(self.device, self.unet.dtype), index.to(self.device),
                               weight.to(self.device), normalization)
+
+
+def unet_cross_attention_layers(pretrained_model: str | os.PathLike[str]) -> tuple[tuple[str, int], ...]:
+    """Cross-attention layers of an SD repo's UNet, read from its config alone (no weights loaded)."""
+    try:
+        config = UNet2DConditionModel.load_config(pretrained_model, subfolder="unet")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read the UNet config of {pretrained_model}: {str(err).splitlines()[0]}") from err
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    return cross_attention_layers(unet)
+
+
+def derive_seed(concept_id: str, prompt: str, index: int, base: int = 0) -> int:
+    """A deterministic seed per (concept, prompt, image index), so a rerun reproduces every image."""
+    digest = hashlib.sha256(f"{base}\x1f{concept_id}\x1f{prompt}\x1f{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # 63 bits: a valid torch seed

@@ -1,0 +1,242 @@
+"""The `elite` command line: thin over the library; an EliteError prints one line and exits 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from elite.errors import EliteError, InputError
+
+DEFAULT_PROMPTS = ("a photo of a S on the beach", "a painting of a S in the style of van gogh")
+
+
+def _add_model_args(parser: argparse.ArgumentParser, vision: bool = True, sd: bool = True) -> None:
+    group = parser.add_argument_group("models (hub ids or folders; environment variables give defaults)")
+    if sd:
+        group.add_argument("--pretrained-model", default=os.environ.get("ELITE_PRETRAINED_MODEL"),
+                           help="Stable Diffusion 1.x repo id or folder in diffusers layout, e.g. "
+                                "CompVis/stable-diffusion-v1-4 [$ELITE_PRETRAINED_MODEL]")
+    if vision:
+        group.add_argument("--vision-model", default=os.environ.get("ELITE_VISION_MODEL"),
+                           help="CLIP vision tower id or folder, e.g. openai/clip-vit-large-patch14 "
+                                "[$ELITE_VISION_MODEL]")
+    group.add_argument("--global-mapper", default=os.environ.get("ELITE_GLOBAL_MAPPER"),
+                       help="global_mapper.pt of the release, or its safetensors conversion [$ELITE_GLOBAL_MAPPER]")
+    group.add_argument("--local-mapper", default=os.environ.get("ELITE_LOCAL_MAPPER"),
+                       help="local_mapper.pt of the release, or its safetensors conversion [$ELITE_LOCAL_MAPPER]")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="torch device (default: cuda when available, else cpu)")
+    group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                       help="weights dtype (default: float16 on CUDA, float32 on CPU)")
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if not getattr(args, name):
+            raise InputError(f"--{name.replace('_', '-')} is required (or set $ELITE_{name.upper()})")
+
+
+def _dtype(args: argparse.Namespace) -> torch.dtype:
+    if args.dtype:
+        return getattr(torch, args.dtype)
+    return torch.float16 if str(args.device).startswith("cuda") else torch.float32
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from elite.checkpoints import convert_checkpoint
+    from elite.pipeline import unet_cross_attention_layers
+
+    layers = unet_cross_attention_layers(args.pretrained_model) if args.pretrained_model else None
+    count = convert_checkpoint(args.src, args.dst, layers)
+    print(f"wrote {args.dst} ({count} tensors)")
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from elite.tiny import make_tiny_models
+
+    paths = make_tiny_models(args.out_dir, seed=args.seed)
+    print(json.dumps({k: str(v) for k, v in paths.__dict__.items()}, indent=2))
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from elite.concepts import find_concepts, save_embeddings
+    from elite.encoder import TorchConceptEncoder, encode_sources
+    from elite.pipeline import unet_cross_attention_layers
+
+    _require(args, "vision_model", "global_mapper", "local_mapper")
+    sources = find_concepts(args.concepts)
+    if not sources:
+        raise InputError(f"{args.concepts}: no images (.jpg, .jpeg, .png, .webp) found")
+    layers = unet_cross_attention_layers(args.pretrained_model) if args.pretrained_model else None
+    encoder = TorchConceptEncoder.from_pretrained(args.vision_model, args.global_mapper, args.local_mapper,
+                                                  layers, device=args.device, dtype=_dtype(args))
+    embeddings, failures = encode_sources(encoder, sources, batch_size=args.batch_size)
+    for failure in failures:
+        print(f"FAILED {failure.item} ({failure.stage}): {failure.reason}", file=sys.stderr)
+    if embeddings:
+        save_embeddings(args.out, embeddings, {"vision_model": str(args.vision_model)})
+    print(f"encoded {len(embeddings)} of {len(sources)} concepts -> {args.out}")
+    return 1 if failures else 0
+
+
+def generate_images(pipe: object, embeddings_path: str, prompts: Sequence[str], out_dir: str, *,
+                    images_per_prompt: int, batch_size: int, seed: int, concept_ids: Sequence[str] | None,
+                    **call_kwargs: object) -> list[dict[str, object]]:
+    """Every (concept, prompt, index) -> `out_dir/<concept>/p<prompt>-i<index>-s<seed>.png`; skips existing files."""
+    from tqdm.auto import tqdm
+
+    from elite.concepts import load_embeddings
+    from elite.fileio import atomic_path
+    from elite.pipeline import ElitePipeline, derive_seed
+
+    assert isinstance(pipe, ElitePipeline)
+    concepts = load_embeddings(embeddings_path)
+    if concept_ids:
+        missing = sorted(set(concept_ids) - {c.concept_id for c in concepts})
+        if missing:
+            raise InputError(f"{embeddings_path}: no concept {missing[0]!r}")
+        concepts = [c for c in concepts if c.concept_id in set(concept_ids)]
+    jobs = []
+    for concept in concepts:
+        for p, prompt in enumerate(prompts):
+            for i in range(images_per_prompt):
+                s = derive_seed(concept.concept_id, prompt, i, base=seed)
+                path = Path(out_dir) / concept.concept_id / f"p{p:02d}-i{i:02d}-s{s}.png"
+                jobs.append({"concept_id": concept.concept_id, "prompt": prompt, "seed": s, "file": str(path),
+                             "concept": concept})
+    todo = [job for job in jobs if not Path(str(job["file"])).exists()]
+    for start in tqdm(range(0, len(todo), batch_size), desc="generating", unit="batch"):
+        chunk = todo[start:start + batch_size]
+        out = pipe([str(j["prompt"]) for j in chunk], [j["concept"] for j in chunk],  # type: ignore[misc]
+                   seed=[int(str(j["seed"])) for j in chunk], show_progress=False, **call_kwargs)
+        for job, image in zip(chunk, out.images):
+            with atomic_path(str(job["file"])) as tmp:
+                image.save(tmp, format="PNG")
+    return [{k: v for k, v in job.items() if k != "concept"} for job in jobs]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from elite.pipeline import ElitePipeline
+
+    _require(args, "pretrained_model", "global_mapper", "local_mapper")
+    prompts = list(args.prompt) or list(DEFAULT_PROMPTS)
+    pipe = ElitePipeline.from_pretrained(args.pretrained_model, None, args.global_mapper, args.local_mapper,
+                                         torch_dtype=_dtype(args), device=args.device)
+    records = generate_images(
+        pipe, args.embeddings, prompts, args.out, images_per_prompt=args.images_per_prompt,
+        batch_size=args.batch_size, seed=args.seed, concept_ids=args.concept, placeholder=args.placeholder,
+        lambda_local=args.lambda_local, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
+        height=args.height, width=args.width)
+    _write_manifest(Path(args.out) / "manifest.jsonl", records)
+    print(f"{len(records)} images in {args.out} (manifest: {Path(args.out) / 'manifest.jsonl'})")
+    return 0
+
+
+def _write_manifest(path: Path, records: list[dict[str, object]]) -> None:
+    from elite.fileio import write_bytes_atomic
+
+    write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from elite.concepts import find_concepts, save_embeddings
+    from elite.encoder import encode_sources
+    from elite.pipeline import ElitePipeline
+    from elite.tiny import make_tiny_models
+
+    out = Path(args.out)
+    models = make_tiny_models(out / "tiny-models")
+    pipe = ElitePipeline.from_pretrained(models.pretrained_model, models.vision_model, models.global_mapper,
+                                         models.local_mapper)
+    sources = find_concepts(args.concepts)
+    assert pipe.encoder is not None
+    embeddings, failures = encode_sources(pipe.encoder, sources)
+    for failure in failures:
+        print(f"FAILED {failure.item} ({failure.stage}): {failure.reason}", file=sys.stderr)
+    save_embeddings(out / "embeddings.safetensors", embeddings, {"vision_model": "tiny"})
+    records = generate_images(pipe, str(out / "embeddings.safetensors"), DEFAULT_PROMPTS, str(out / "images"),
+                              images_per_prompt=1, batch_size=8, seed=0, concept_ids=None,
+                              num_inference_steps=args.steps, height=args.size, width=args.size)
+    _write_manifest(out / "images" / "manifest.jsonl", records)
+    print(f"demo: encoded {len(embeddings)} of {len(sources)} concepts, wrote {len(records)} images to "
+          f"{out / 'images'} (tiny random models: the images are noise-like by design)")
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elite", description="ELITE: encode visual concepts into word "
+                                     "embeddings and generate personalised images with Stable Diffusion 1.x.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert-checkpoint", help="check a release mapper .pt and convert it to safetensors",
+                       description="Strictly check a release global_mapper.pt / local_mapper.pt (keys and shapes "
+                                   "of SD 1.x + CLIP ViT-L/14) and write it as safetensors. Pickles that hold "
+                                   "anything but tensors are refused, never executed.")
+    p.add_argument("src", help="the release .pt file")
+    p.add_argument("dst", help="output .safetensors file")
+    p.add_argument("--pretrained-model", help="check against this SD repo's UNet layers instead of SD 1.x")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("make-tiny-models", help="write tiny random models in the real layouts (offline)")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("encode", help="encode a folder of concept images into an embeddings file",
+                       description="Encode every image of a folder (N.jpg with an optional mask N_bg.png, "
+                                   "non-zero = object; without a mask the whole image is the object) into "
+                                   "five words and 256 local tokens each, written to one safetensors file.")
+    p.add_argument("concepts", help="folder of concept images")
+    p.add_argument("--out", required=True, help="embeddings file to write (.safetensors)")
+    p.add_argument("--batch-size", type=int, default=8)
+    _add_model_args(p, vision=True, sd=True)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("generate", help="generate images from an embeddings file and prompts",
+                       description="For every concept of the embeddings file and every prompt, generate "
+                                   "images. Prompts hold the placeholder (default S), e.g. 'a photo of a S "
+                                   "on the beach'. Files already present are skipped, so a rerun resumes.")
+    p.add_argument("--embeddings", required=True, help="file written by `elite encode`")
+    p.add_argument("--prompt", action="append", default=[], help="prompt with the placeholder (repeatable)")
+    p.add_argument("--concept", action="append", default=None, help="only these concept ids (repeatable)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--placeholder", default="S")
+    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--steps", type=int, default=100, help="denoising steps (reference: 100)")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="reference: 5")
+    p.add_argument("--lambda-local", type=float, default=0.8, help="weight of the local branch (reference: 0.8)")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="base of the per-image seeds")
+    p.add_argument("--batch-size", type=int, default=4)
+    _add_model_args(p, vision=False, sd=True)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="offline demo: tiny models, encode the concepts, generate 2 prompts each")
+    p.add_argument("--concepts", default="../shared/data/elite-test-concepts", help="folder of concept images")
+    p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--size", type=int, default=64)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except EliteError as err:
+        print(f"elite: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
