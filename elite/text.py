@@ -1,7 +1,9 @@
 """Placeholder lookup through the tokenizer and word injection into the CLIP text encoder.
 
-The placeholder (reference: `S`) is found as a run of token ids, so multi-token placeholders,
-punctuation ("S," "S.") and several placeholders per prompt all resolve to the right positions.
+The placeholder (reference: `S`) is found as a whole word in the prompt and its position counted
+in tokens by the tokenizer (the release counted words, which breaks for words of several tokens),
+so multi-token placeholders, punctuation ("S," "S.") and several placeholders per prompt all
+resolve to the right positions.
 Each occurrence becomes a slot of `num_words` positions (1 at inference: w0; 5 in training, later
 tokens shift right and the sequence is cut at the context length, as the method doc describes).
 The words are written by a forward hook on the token embedding, before position embeddings are
@@ -11,6 +13,7 @@ added: transformers 5's `CLIPTextModel` takes no `inputs_embeds`, and a hook kee
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,29 +29,35 @@ class PromptSlots:
     slots: list[tuple[str, int]]  # (placeholder, first position) of every occurrence, in prompt order
 
 
+def placeholder_pattern(placeholders: Sequence[str]) -> re.Pattern[str]:
+    """Whole-word, case-sensitive occurrences of any placeholder, longest first ("S1" before "S").
+
+    Matching the text, not the token ids, keeps "S" from matching the tail of a word that BPE splits
+    (e.g. "xyzs" -> "xyz", "s</w>") or the "s" of "it's"; positions still come from the tokenizer.
+    """
+    for placeholder in placeholders:
+        if not placeholder.strip() or placeholder != placeholder.strip():
+            raise InputError(f"placeholder {placeholder!r} is empty or has surrounding spaces")
+    alternatives = [re.escape(p) for p in sorted(placeholders, key=len, reverse=True)]
+    return re.compile(rf"(?<![\w'])(?:{'|'.join(alternatives)})(?!\w)")
+
+
 def tokenize_with_placeholders(tokenizer: PreTrainedTokenizerBase, prompt: str, placeholders: Sequence[str],
                                num_words: int = 1, truncate: bool = False) -> PromptSlots:
-    """Token ids of `prompt` with each placeholder occurrence collapsed to a slot of `num_words` positions."""
-    patterns = {}
-    for placeholder in placeholders:
-        ids = tokenizer(placeholder, add_special_tokens=False).input_ids
-        if not placeholder.strip() or not ids:
-            raise InputError(f"placeholder {placeholder!r} is empty")
-        patterns[placeholder] = ids
-    ordered = sorted(patterns.items(), key=lambda item: -len(item[1]))  # longest first: "S1" before "S"
-    body = tokenizer(prompt, add_special_tokens=False).input_ids
+    """Token ids of `prompt` with each placeholder occurrence as a slot of `num_words` positions.
+
+    The text between placeholders is tokenized piece by piece; CLIP's pre-tokenizer splits at those
+    boundaries anyway, so the ids equal those of the whole prompt, whatever a placeholder tokenizes to.
+    """
     ids_out: list[int] = [tokenizer.bos_token_id]
     slots: list[tuple[str, int]] = []
-    i = 0
-    while i < len(body):
-        match = next(((p, ids) for p, ids in ordered if body[i:i + len(ids)] == ids), None)
-        if match is None:
-            ids_out.append(body[i])
-            i += 1
-            continue
-        slots.append((match[0], len(ids_out)))
-        ids_out.extend([match[1][0]] * num_words)  # placeholder ids, overwritten by the injected words
-        i += len(match[1])
+    end = 0
+    for match in placeholder_pattern(placeholders).finditer(prompt):
+        ids_out += tokenizer(prompt[end:match.start()], add_special_tokens=False).input_ids
+        slots.append((match.group(0), len(ids_out)))
+        ids_out += tokenizer(match.group(0), add_special_tokens=False).input_ids[:1] * num_words  # overwritten
+        end = match.end()
+    ids_out += tokenizer(prompt[end:], add_special_tokens=False).input_ids
     ids_out.append(tokenizer.eos_token_id)
     for placeholder in placeholders:
         if all(found != placeholder for found, _ in slots):

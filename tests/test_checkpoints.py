@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from elite.checkpoints import convert_checkpoint, load_mapper, read_state_dict
+from elite.cli import main
+from elite.errors import CheckpointError
+from elite.mappers import GlobalMapper, LocalMapper, MapperConfig
+from elite.pipeline import unet_cross_attention_layers
+from elite.tiny import TinyModels
+
+
+@pytest.fixture(scope="module")
+def release_pt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mapper file in the release's exact format and size: a pickled fp32 state dict, 132 tensors."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("release") / "global_mapper.pt"
+    torch.save(GlobalMapper(MapperConfig()).state_dict(), path)
+    return path
+
+
+def test_release_pt_converts_to_identical_safetensors(release_pt: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "global_mapper.safetensors"
+    assert main(["convert-checkpoint", str(release_pt), str(out)]) == 0
+    assert "132 tensors" in capsys.readouterr().out
+    original = torch.load(release_pt, weights_only=True)
+    converted = safetensors.torch.load_file(str(out))
+    assert converted.keys() == original.keys()
+    for key in original:
+        assert torch.equal(converted[key], original[key]), key
+    # both formats load into the same mapper
+    a, b = load_mapper(GlobalMapper, release_pt), load_mapper(GlobalMapper, out)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+
+
+def _tiny_state(tiny_models: TinyModels) -> dict[str, torch.Tensor]:
+    return torch.load(tiny_models.local_mapper, weights_only=True)
+
+
+def test_missing_key_is_named(tiny_models: TinyModels, tmp_path: Path) -> None:
+    state = _tiny_state(tiny_models)
+    del state["mapping_patch_3.4.bias"]
+    torch.save(state, tmp_path / "bad.pt")
+    layers = unet_cross_attention_layers(tiny_models.pretrained_model)
+    with pytest.raises(CheckpointError, match=r"missing key 'mapping_patch_3\.4\.bias'"):
+        load_mapper(LocalMapper, tmp_path / "bad.pt", layers)
+
+
+def test_wrong_shape_and_unexpected_key_are_named(tiny_models: TinyModels, tmp_path: Path) -> None:
+    layers = unet_cross_attention_layers(tiny_models.pretrained_model)
+    key = "mid_block_attentions_0_transformer_blocks_0_attn2_to_v.weight"
+    state = _tiny_state(tiny_models)
+    state[key] = torch.zeros(3, 3)
+    torch.save(state, tmp_path / "shape.pt")
+    with pytest.raises(CheckpointError, match=rf"key '{key}' has shape \[3, 3\]"):
+        load_mapper(LocalMapper, tmp_path / "shape.pt", layers)
+    state = _tiny_state(tiny_models)
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "extra.pt")
+    with pytest.raises(CheckpointError, match=r"unexpected key 'extra\.weight'"):
+        load_mapper(LocalMapper, tmp_path / "extra.pt", layers)
+
+
+def test_mapper_for_another_unet_is_refused(tiny_models: TinyModels) -> None:
+    # tiny mapper checked against the SD 1.x release layout: the first layer has the wrong width
+    with pytest.raises(CheckpointError, match=r"key 'down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+                                              r"\.weight' has shape \[32, 32\], expected \[320, 32\]"):
+        load_mapper(GlobalMapper, tiny_models.global_mapper)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "empty file"),
+    (b"hello, not a checkpoint\n", "truncated or not a checkpoint"),
+])
+def test_non_checkpoint_files(tmp_path: Path, content: bytes, reason: str) -> None:
+    path = tmp_path / "x.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=reason):
+        read_state_dict(path)
+
+
+def test_truncated_file_cli_one_line(tiny_models: TinyModels, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    data = Path(tiny_models.global_mapper).read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    code = main(["convert-checkpoint", str(tmp_path / "cut.pt"), str(tmp_path / "out.safetensors"),
+                 "--pretrained-model", str(tiny_models.pretrained_model)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and "truncated or not a checkpoint" in err and "cut.pt" in err
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_cli_names_bad_key_and_converts_tiny(tiny_models: TinyModels, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    state = _tiny_state(tiny_models)
+    del state["mapping_0.6.bias"]
+    torch.save(state, tmp_path / "bad.pt")
+    args = ["--pretrained-model", str(tiny_models.pretrained_model)]
+    assert main(["convert-checkpoint", str(tmp_path / "bad.pt"), str(tmp_path / "o.safetensors"), *args]) == 1
+    assert "missing key 'mapping_0.6.bias'" in capsys.readouterr().err
+    assert main(["convert-checkpoint", str(tiny_models.local_mapper), str(tmp_path / "ok.safetensors"), *args]) == 0
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("writer", ["torch", "pickle"])
+def test_pickle_with_code_is_refused_never_run(tmp_path: Path, writer: str) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    payload = {"mapping_0.0.weight": _RunsCode(marker)}
+    if writer == "torch":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(CheckpointError) as info:
+        convert_checkpoint(path, tmp_path / "out.safetensors")
+    assert "refused" in str(info.value) or "not a checkpoint" in str(info.value)
+    assert not marker.exists()
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_state_dict_of_non_tensors_is_refused(tmp_path: Path) -> None:
+    torch.save({"mapping_0.0.weight": [1, 2, 3]}, tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="holds a list, not a tensor"):
+        read_state_dict(tmp_path / "list.pt")
+    torch.save(torch.zeros(2), tmp_path / "tensor.pt")
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        read_state_dict(tmp_path / "tensor.pt")
