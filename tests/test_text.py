@@ -75,7 +75,8 @@ def test_injection_replaces_only_the_slot_and_keeps_gradients(pipe: ElitePipelin
     words = torch.randn(2, 1, dim, requires_grad=True)
     prompts = ["a photo of S on the beach", "S, in the snow"]
     seen: list[torch.Tensor] = []  # token + position embeddings as the transformer received them
-    embeddings = pipe.text_encoder.text_model.embeddings
+    # transformers 5 flattened `text_model` away; find the embeddings module either way
+    embeddings = next(m for n, m in pipe.text_encoder.named_modules() if n.endswith("embeddings"))
     handle = embeddings.register_forward_hook(lambda m, a, o: seen.append(o.detach()))
     try:
         with torch.enable_grad():
