@@ -119,6 +119,7 @@ class ElitePipeline:
         guidance_scale: float = 5.0,  # reference: guidance 5
         num_inference_steps: int = 100,  # reference: 100 (the authors' demo uses 20)
         scheduler: SchedulerMixin | None = None,  # default: LMS, as the reference
+        num_images_per_prompt: int = 1,
         seed: int | Sequence[int] | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         height: int = 512,
@@ -129,8 +130,13 @@ class ElitePipeline:
     ) -> ElitePipelineOutput:
         # 1. Check inputs and bind every prompt's placeholders to concepts.
         prompts, bindings = self._bind(prompt, concepts, placeholder)
+        if num_images_per_prompt < 1:
+            raise InputError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        bindings = [b for b in bindings for _ in range(num_images_per_prompt)]
         batch = len(prompts)
-        negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+        negatives = ([negative_prompt] * batch if isinstance(negative_prompt, str)
+                     else [n for n in negative_prompt for _ in range(num_images_per_prompt)])
         if len(negatives) != batch:
             raise InputError(f"got {len(negatives)} negative prompts for {batch} images")
         if height % self.vae_scale_factor or width % self.vae_scale_factor or height <= 0 or width <= 0:

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from elite.cli import main
+from elite.concepts import find_concepts, load_embeddings
+from elite.tiny import TinyModels
+
+
+def _model_args(tiny: TinyModels, vision: bool = True) -> list[str]:
+    args = ["--pretrained-model", str(tiny.pretrained_model), "--global-mapper", str(tiny.global_mapper),
+            "--local-mapper", str(tiny.local_mapper), "--device", "cpu"]
+    return args + (["--vision-model", str(tiny.vision_model)] if vision else [])
+
+
+def test_encode_then_generate_every_shared_concept(tiny_models: TinyModels, concepts_dir: Path,
+                                                   tmp_path: Path) -> None:
+    sources = find_concepts(concepts_dir)
+    assert len(sources) >= 11 and all(s.mask is not None for s in sources)
+    emb = tmp_path / "emb.safetensors"
+    assert main(["encode", str(concepts_dir), "--out", str(emb), *_model_args(tiny_models)]) == 0
+    concepts = load_embeddings(emb)
+    assert [c.concept_id for c in concepts] == [s.concept_id for s in sources]
+    assert all(c.words.shape == (5, 32) and c.local_tokens.shape == (256, 32) for c in concepts)
+    for c in concepts:  # background patches carry no local token
+        background = c.mask_grid.flatten() == 0
+        assert c.local_tokens[background].abs().sum() == 0 and c.local_tokens[~background].abs().sum() > 0
+
+    out = tmp_path / "images"
+    args = ["generate", "--embeddings", str(emb), "--out", str(out), "--prompt", "a photo of S on the beach",
+            "--prompt", "a painting of S", "--steps", "2", "--height", "64", "--width", "48",
+            "--batch-size", "8", *_model_args(tiny_models, vision=False)]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * len(concepts)
+    for record in records:
+        with Image.open(record["file"]) as image:
+            image.verify()
+        with Image.open(record["file"]) as image:
+            assert image.format == "PNG" and image.size == (48, 64)
+    assert not list(out.rglob(".*.tmp"))
+    stamps = {r["file"]: Path(r["file"]).stat().st_mtime_ns for r in records}
+    assert main(args) == 0  # rerun: nothing regenerated
+    assert all(Path(f).stat().st_mtime_ns == t for f, t in stamps.items())
+
+
+def test_encode_records_bad_items_and_keeps_the_rest(tiny_models: TinyModels, concepts_dir: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in ("1.jpg", "1_bg.png", "2.jpg", "2_bg.png"):
+        shutil.copy(concepts_dir / name, folder / name)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    (folder / "empty.png").write_bytes(b"")
+    Image.new("RGB", (30, 30), "red").save(folder / "nomask.png")
+    Image.new("RGB", (30, 30), "red").save(folder / "badmask.png")
+    Image.new("L", (10, 10), 255).save(folder / "badmask_bg.png")
+    emb = tmp_path / "emb.safetensors"
+    assert main(["encode", str(folder), "--out", str(emb), "--batch-size", "3", *_model_args(tiny_models)]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED broken (read): broken: not an image" in err
+    assert "FAILED empty (read)" in err
+    assert "FAILED badmask (preprocess): badmask: mask size 10x10 differs" in err
+    assert sorted(c.concept_id for c in load_embeddings(emb)) == ["1", "2", "nomask"]
+
+
+def test_demo_runs_offline(concepts_dir: Path, tmp_path: Path) -> None:
+    assert main(["demo", "--concepts", str(concepts_dir), "--out", str(tmp_path / "demo"), "--steps", "2"]) == 0
+    pngs = list((tmp_path / "demo" / "images").rglob("*.png"))
+    assert len(pngs) == 2 * len(find_concepts(concepts_dir))
+
+
+def test_help_is_there(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("encode", "generate", "convert-checkpoint", "demo", "make-tiny-models"):
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0
+        assert "usage: elite" in capsys.readouterr().out

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
+from PIL import Image
+
+from elite.concepts import ConceptEmbedding
+from elite.errors import InputError
+from elite.pipeline import ElitePipeline
+from elite.tiny import TinyModels
+
+SMALL = {"num_inference_steps": 2, "height": 64, "width": 64, "show_progress": False}
+
+
+@pytest.fixture(scope="module")
+def concepts(pipe: ElitePipeline, concepts_dir: Path) -> list[ConceptEmbedding]:
+    names = ["1", "2", "3", "7"]
+    images = [Image.open(concepts_dir / f"{n}.jpg") for n in names]
+    masks = [Image.open(concepts_dir / f"{n}_bg.png") for n in names]
+    return pipe.encode_concepts(images, masks, names)
+
+
+def test_batch_equals_one_by_one(pipe: ElitePipeline, concepts: list[ConceptEmbedding]) -> None:
+    prompts = ["a photo of S on the beach", "S in the snow", "a painting of S", "S, next to a cat"]
+    seeds = [11, 22, 33, 44]
+    batch = pipe(prompts, concepts, seed=seeds, output_type="np", **SMALL).images
+    assert isinstance(batch, np.ndarray) and batch.shape == (4, 64, 64, 3)
+    for i in range(4):
+        single = pipe(prompts[i], concepts[i], seed=seeds[i], output_type="np", **SMALL).images
+        np.testing.assert_allclose(batch[i], single[0], atol=1e-4, rtol=0)
+
+
+def test_seeds_reproduce_and_differ(pipe: ElitePipeline, concepts: list[ConceptEmbedding]) -> None:
+    a = pipe("a photo of S", concepts[0], num_images_per_prompt=2, seed=[5, 6], output_type="np", **SMALL)
+    b = pipe("a photo of S", concepts[0], num_images_per_prompt=2, seed=5, output_type="np", **SMALL)
+    assert a.seeds == [5, 6]
+    np.testing.assert_array_equal(a.images, b.images)
+    assert not np.allclose(a.images[0], a.images[1])
+    gen = pipe("a photo of S", concepts[0], generator=torch.Generator().manual_seed(5), output_type="np", **SMALL)
+    np.testing.assert_allclose(gen.images[0], a.images[0], atol=1e-5, rtol=0)  # batch 1 vs 2: GEMM rounding
+
+
+def test_local_branch_and_concept_change_the_image(pipe: ElitePipeline, concepts: list[ConceptEmbedding]) -> None:
+    run = lambda c, lam: pipe("a photo of S", c, seed=1, lambda_local=lam, output_type="np", **SMALL).images[0]  # noqa: E731
+    base = run(concepts[0], 0.8)
+    assert not np.allclose(base, run(concepts[0], 0.0), atol=1e-4)
+    assert not np.allclose(base, run(concepts[1], 0.8), atol=1e-4)
+
+
+def test_several_concepts_in_one_prompt(pipe: ElitePipeline, concepts: list[ConceptEmbedding]) -> None:
+    prompt = "a photo of S1 next to S2"
+    binding = {"S1": concepts[0], "S2": concepts[1]}
+    bound_prompts, bindings = pipe._bind(prompt, binding, "S")
+    cond, slots = __import__("elite.text", fromlist=["encode_prompts"]).encode_prompts(
+        pipe.text_encoder, pipe.tokenizer, bound_prompts,
+        [{k: v.primary_word[None] for k, v in b.items()} for b in bindings])
+    injection = pipe._local_injection(bindings, slots, 0.8, "per_sample", first_row=1)
+    assert [p for p, _ in slots[0]] == ["S1", "S2"]
+    assert injection.rows.tolist() == [1]
+    assert torch.equal(injection.local_tokens[0, 0], concepts[0].local_tokens)
+    assert torch.equal(injection.local_tokens[0, 1], concepts[1].local_tokens)
+    assert injection.placeholder_index[0].tolist() == [pos for _, pos in slots[0]]
+    image = pipe(prompt, binding, seed=3, output_type="np", **SMALL).images[0]
+    swapped = pipe(prompt, {"S1": concepts[1], "S2": concepts[0]}, seed=3, output_type="np", **SMALL).images[0]
+    assert not np.allclose(image, swapped, atol=1e-4)
+    # each concept in a batch row of its own and the two-concept row together: batch-invariant still
+    mixed = pipe([prompt, "a photo of S"], [binding, concepts[2]], seed=[3, 4], output_type="np", **SMALL).images
+    np.testing.assert_allclose(mixed[0], image, atol=1e-4, rtol=0)
+
+
+def test_schedulers_outputs_and_no_guidance(pipe: ElitePipeline, concepts: list[ConceptEmbedding]) -> None:
+    lms = pipe("a photo of S", concepts[0], seed=1, output_type="np", **SMALL).images
+    for cls in (DDIMScheduler, EulerAncestralDiscreteScheduler):
+        other = pipe("a photo of S", concepts[0], seed=1, output_type="np",
+                     scheduler=cls.from_config(pipe.scheduler.config), **SMALL).images
+        assert other.shape == lms.shape and not np.allclose(other, lms)
+    ancestral = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    twice = [pipe("a photo of S", concepts[0], seed=1, output_type="np", scheduler=ancestral, **SMALL).images
+             for _ in range(2)]
+    np.testing.assert_array_equal(*twice)  # stochastic samplers draw from the per-image generators
+    pil = pipe("a photo of S", concepts[0], seed=1, **SMALL).images
+    assert isinstance(pil[0], Image.Image) and pil[0].size == (64, 64)
+    pt = pipe("a photo of S", concepts[0], seed=1, output_type="pt", **SMALL).images
+    assert isinstance(pt, torch.Tensor) and pt.shape == (1, 3, 64, 64)
+    latent = pipe("a photo of S", concepts[0], seed=1, output_type="latent", **SMALL).images
+    assert isinstance(latent, torch.Tensor) and latent.shape == (1, 4, 8, 8)
+    plain = pipe("a photo of S", concepts[0], seed=1, guidance_scale=1.0, output_type="np", **SMALL).images
+    assert plain.shape == (1, 64, 64, 3) and np.isfinite(plain).all()
+
+
+def test_bad_calls_are_clear(pipe: ElitePipeline, concepts: list[ConceptEmbedding], tiny_models: TinyModels) -> None:
+    with pytest.raises(InputError, match="does not contain the placeholder 'S'"):
+        pipe("a photo of a dog", concepts[0], **SMALL)
+    with pytest.raises(InputError, match="got 1 seeds for 2 images"):
+        pipe(["a S", "b S"], concepts[0], seed=[1], **SMALL)
+    with pytest.raises(InputError, match="got 2 prompts and 3 concepts"):
+        pipe(["a S", "b S"], concepts[:3], **SMALL)
+    with pytest.raises(InputError, match="multiples of 8"):
+        pipe("a S", concepts[0], **{**SMALL, "height": 60})
+    with pytest.raises(InputError, match="float16 needs a CUDA device"):
+        ElitePipeline.from_pretrained(tiny_models.pretrained_model, None, tiny_models.global_mapper,
+                                      tiny_models.local_mapper, torch_dtype=torch.float16)
+    generate_only = ElitePipeline.from_pretrained(tiny_models.pretrained_model, None, tiny_models.global_mapper,
+                                                  tiny_models.local_mapper)
+    with pytest.raises(InputError, match="without a vision model"):
+        generate_only.encode_concepts([Image.new("RGB", (8, 8))])
+    out = generate_only("a photo of S", concepts[0], seed=1, output_type="np", **SMALL).images
+    ref = pipe("a photo of S", concepts[0], seed=1, output_type="np", **SMALL).images
+    np.testing.assert_array_equal(out, ref)
