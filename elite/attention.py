@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
@@ -42,6 +43,11 @@ class LocalInjection:
 
 class EliteAttnProcessor(nn.Module):
     """Cross-attention processor owning only ELITE's extra projections; q and the output come from the host."""
+
+    to_k_global: nn.Linear
+    to_v_global: nn.Linear
+    to_k_local: nn.Linear | None
+    to_v_local: nn.Linear | None
 
     def __init__(self, to_k_global: nn.Linear, to_v_global: nn.Linear, to_k_local: nn.Linear | None = None,
                  to_v_local: nn.Linear | None = None, injection: LocalInjection | None = None) -> None:
@@ -134,7 +140,7 @@ class EliteAttnProcessor(nn.Module):
 
 
 @contextlib.contextmanager
-def elite_attention(unet: nn.Module, global_mapper: GlobalMapper, local_mapper: LocalMapper | None = None,
+def elite_attention(unet: UNet2DConditionModel, global_mapper: GlobalMapper, local_mapper: LocalMapper | None = None,
                     injection: LocalInjection | None = None) -> Iterator[dict[str, EliteAttnProcessor]]:
     """Install ELITE processors on the mapper's cross-attention layers; restore the originals on exit."""
     original = dict(unet.attn_processors)
@@ -144,8 +150,10 @@ def elite_attention(unet: nn.Module, global_mapper: GlobalMapper, local_mapper: 
         raise InputError(f"the UNet has no attention layer {missing[0]!r} that the mapper was built for")
     installed = {}
     for path in layers:
-        local_kv = local_mapper.key_value(path) if local_mapper is not None else (None, None)
-        installed[f"{path}.processor"] = EliteAttnProcessor(*global_mapper.key_value(path), *local_kv, injection)
+        to_k_global, to_v_global = global_mapper.key_value(path)
+        to_k_local, to_v_local = local_mapper.key_value(path) if local_mapper is not None else (None, None)
+        installed[f"{path}.processor"] = EliteAttnProcessor(to_k_global, to_v_global, to_k_local, to_v_local,
+                                                            injection)
     unet.set_attn_processor({**original, **installed})
     try:
         yield installed

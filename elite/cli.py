@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -89,7 +90,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def generate_images(pipe: object, embeddings_path: str, prompts: Sequence[str], out_dir: str, *,
                     images_per_prompt: int, batch_size: int, seed: int, concept_ids: Sequence[str] | None,
-                    **call_kwargs: object) -> list[dict[str, object]]:
+                    **call_kwargs: Any) -> list[dict[str, object]]:
     """Every (concept, prompt, index) -> `out_dir/<concept>/p<prompt>-i<index>-s<seed>.png`; skips existing files."""
     from tqdm.auto import tqdm
 
@@ -117,7 +118,7 @@ def generate_images(pipe: object, embeddings_path: str, prompts: Sequence[str], 
         chunk = todo[start:start + batch_size]
         out = pipe([str(j["prompt"]) for j in chunk], [j["concept"] for j in chunk],  # type: ignore[misc]
                    seed=[int(str(j["seed"])) for j in chunk], show_progress=False, **call_kwargs)
-        for job, image in zip(chunk, out.images):
+        for job, image in zip(chunk, out.images, strict=True):
             with atomic_path(str(job["file"])) as tmp:
                 image.save(tmp, format="PNG")
     return [{k: v for k, v in job.items() if k != "concept"} for job in jobs]

@@ -95,7 +95,8 @@ class TorchConceptEncoder:
             raise InputError(f"got {len(images)} images, {len(mask_list)} masks and {len(ids)} concept ids")
         if not images:
             return []
-        prepared = [self.preprocessor(image, mask, name=cid) for image, mask, cid in zip(images, mask_list, ids)]
+        prepared = [self.preprocessor(image, mask, name=cid)
+                    for image, mask, cid in zip(images, mask_list, ids, strict=True)]
         pixel_values = torch.stack([p.pixel_values for p in prepared])  # (batch, 3, size, size)
         object_pixel_values = torch.stack([p.object_pixel_values for p in prepared])
         mask_grid = torch.stack([p.mask_grid for p in prepared])  # (batch, grid, grid)

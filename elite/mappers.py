@@ -77,7 +77,8 @@ class _Mapper(nn.Module):
         outputs = []
         for i, feature in enumerate(features):
             cls_token, patch_tokens = feature[:, :1], feature[:, 1:]  # (batch, 1, in), (batch, patches, in)
-            outputs.append((getattr(self, f"mapping_{i}")(cls_token), getattr(self, f"mapping_patch_{i}")(patch_tokens)))
+            cls_out = getattr(self, f"mapping_{i}")(cls_token)  # (batch, 1, out)
+            outputs.append((cls_out, getattr(self, f"mapping_patch_{i}")(patch_tokens)))  # (batch, patches, out)
         return outputs
 
 

@@ -30,7 +30,8 @@ from elite.errors import CheckpointError, InputError
 from elite.mappers import GlobalMapper, LocalMapper, cross_attention_layers
 from elite.text import encode_prompts
 
-ConceptsArg = ConceptEmbedding | Mapping[str, ConceptEmbedding] | Sequence[ConceptEmbedding | Mapping[str, ConceptEmbedding]]
+Binding = ConceptEmbedding | Mapping[str, ConceptEmbedding]  # one concept (for the default placeholder) or several
+ConceptsArg = Binding | Sequence[Binding]
 ImageArg = Image.Image | None
 
 
@@ -43,7 +44,7 @@ class ElitePipelineOutput:
 def _load(what: str, loader: Any, source: str | os.PathLike[str], **kwargs: Any) -> Any:
     try:
         return loader.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load the {what} from {source}: {str(err).splitlines()[0]}") from err
 
 
@@ -90,9 +91,11 @@ class ElitePipeline:
         return cls(vae, text_encoder, tokenizer, unet, scheduler, image_encoder, glob, local).to(device)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ElitePipeline:
-        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for module in (self.vae, self.text_encoder, self.unet, self.global_mapper, self.local_mapper):
-            module.to(**moves)
+            if device is not None:
+                module.to(device)
+            if dtype is not None:  # separate calls: diffusers warns when dtype=None is passed along
+                module.to(dtype)
         if self.encoder is not None:
             self.encoder = TorchConceptEncoder(self.encoder.module, device=self.unet.device, dtype=self.unet.dtype)
         return self
@@ -242,7 +245,7 @@ class ElitePipeline:
         tokens = torch.zeros(batch, most, patches, dim)  # (batch, slots, patches, text_dim)
         index = torch.zeros(batch, most, dtype=torch.long)
         weight = torch.zeros(batch, most)
-        for row, (binding, row_slots) in enumerate(zip(bindings, slots)):
+        for row, (binding, row_slots) in enumerate(zip(bindings, slots, strict=True)):
             for k, (placeholder, position) in enumerate(row_slots):
                 tokens[row, k] = binding[placeholder].local_tokens
                 index[row, k] = position

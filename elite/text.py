@@ -100,8 +100,12 @@ def encode_prompts(text_encoder: CLIPTextModel, tokenizer: PreTrainedTokenizerBa
     if len(prompts) != len(bindings):
         raise InputError(f"got {len(prompts)} prompts and {len(bindings)} concept bindings")
     device = text_encoder.device
-    all_ids, all_slots, rows, positions, words = [], [], [], [], []
-    for row, (prompt, binding) in enumerate(zip(prompts, bindings)):
+    all_ids: list[list[int]] = []
+    all_slots: list[list[tuple[str, int]]] = []
+    rows: list[int] = []
+    positions: list[int] = []
+    words: list[torch.Tensor] = []
+    for row, (prompt, binding) in enumerate(zip(prompts, bindings, strict=True)):
         num_words = {w.shape[0] for w in binding.values()}
         if len(num_words) != 1:
             raise InputError(f"prompt {prompt!r}: every concept must inject the same number of words")

@@ -49,7 +49,7 @@ def write_tokenizer_files(folder: Path) -> int:
     vocab = alphabet + [c + "</w>" for c in alphabet]
     merges: list[str] = []
     for word in MERGED_WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        pieces = [*list(word[:-1]), word[-1] + "</w>"]
         while len(pieces) > 1:
             merged = pieces[0] + pieces[1]
             if f"{pieces[0]} {pieces[1]}" not in merges:

@@ -37,7 +37,7 @@ def test_release_pt_converts_to_identical_safetensors(release_pt: Path, tmp_path
         assert torch.equal(converted[key], original[key]), key
     # both formats load into the same mapper
     a, b = load_mapper(GlobalMapper, release_pt), load_mapper(GlobalMapper, out)
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 from elite.concepts import ConceptEmbedding
 from elite.errors import InputError
 from elite.pipeline import ElitePipeline
+from elite.text import encode_prompts
 from elite.tiny import TinyModels
 
 SMALL = {"num_inference_steps": 2, "height": 64, "width": 64, "show_progress": False}
@@ -55,7 +56,7 @@ def test_several_concepts_in_one_prompt(pipe: ElitePipeline, concepts: list[Conc
     prompt = "a photo of S1 next to S2"
     binding = {"S1": concepts[0], "S2": concepts[1]}
     bound_prompts, bindings = pipe._bind(prompt, binding, "S")
-    cond, slots = __import__("elite.text", fromlist=["encode_prompts"]).encode_prompts(
+    _, slots = encode_prompts(
         pipe.text_encoder, pipe.tokenizer, bound_prompts,
         [{k: v.primary_word[None] for k, v in b.items()} for b in bindings])
     injection = pipe._local_injection(bindings, slots, 0.8, "per_sample", first_row=1)

@@ -43,7 +43,7 @@ def test_shared_concept_matches_the_release_recipe(concepts_dir: Path) -> None:
 def test_any_mode_becomes_rgb(mode: str) -> None:
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
     if mode == "I;16":
-        image = Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257))
+        image = Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257)
         assert image.mode in ("I;16", "I")
     elif mode == "F":
         image = Image.fromarray(np.asarray(rgb.convert("L")).astype(np.float32) / 255.0, mode="F")
