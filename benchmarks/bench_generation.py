@@ -340,7 +340,7 @@ class Breakdown:
         self.unet_rows = 0
         self._handles = []
         self._start: dict[int, float] = {}
-        for name, module in [("unet", unet), *unet.named_modules()]:
+        for name, module in unet.named_modules():  # the first is ("", unet)
             kind = "unet" if module is unet else name.rsplit(".", 1)[-1]
             if kind not in self.totals:
                 continue

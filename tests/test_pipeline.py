@@ -112,3 +112,14 @@ def test_bad_calls_are_clear(pipe: ElitePipeline, concepts: list[ConceptEmbeddin
     out = generate_only("a photo of S", concepts[0], seed=1, output_type="np", **SMALL).images
     ref = pipe("a photo of S", concepts[0], seed=1, output_type="np", **SMALL).images
     np.testing.assert_array_equal(out, ref)
+
+
+def test_bfloat16_on_cpu_is_close_to_float32(tiny_models: TinyModels, pipe: ElitePipeline,
+                                             concepts: list[ConceptEmbedding]) -> None:
+    bf16 = ElitePipeline.from_pretrained(tiny_models.pretrained_model, tiny_models.vision_model,
+                                         tiny_models.global_mapper, tiny_models.local_mapper,
+                                         torch_dtype=torch.bfloat16)
+    assert bf16.unet.dtype == torch.bfloat16
+    low = bf16("a photo of S", concepts[0], seed=1, output_type="np", **SMALL).images
+    ref = pipe("a photo of S", concepts[0], seed=1, output_type="np", **SMALL).images
+    assert np.abs(low - ref).mean() < 0.05

@@ -100,3 +100,19 @@ def test_injection_replaces_only_the_slot_and_keeps_gradients(pipe: ElitePipelin
     for row, ((_, pos),) in enumerate(slots):
         torch.testing.assert_close(hidden[row, :pos].detach(), base[row, :pos])
         assert not torch.allclose(hidden[row, pos].detach(), base[row, pos])
+
+
+def test_training_injects_all_five_words(pipe: ElitePipeline) -> None:
+    dim = pipe.text_encoder.config.hidden_size
+    words = torch.randn(5, dim, requires_grad=True)
+    with torch.enable_grad():
+        hidden, slots = encode_prompts(pipe.text_encoder, pipe.tokenizer, ["a photo of S on the beach"],
+                                       [{"S": words}])
+        hidden.sum().backward()
+    (_, pos), = slots[0]
+    assert hidden.shape == (1, 77, dim)
+    assert words.grad is not None and (words.grad.abs().sum(dim=-1) > 0).all()  # every word reaches the output
+    plain = tokenize_with_placeholders(pipe.tokenizer, "a photo of S on the beach", ["S"]).input_ids
+    with torch.no_grad():
+        base = pipe.text_encoder(input_ids=torch.tensor([plain])).last_hidden_state
+    torch.testing.assert_close(hidden[0, :pos].detach(), base[0, :pos])
