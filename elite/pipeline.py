@@ -207,11 +207,16 @@ class ElitePipeline:
         if len(items) != len(prompts):
             raise InputError(f"got {len(prompts)} prompts and {len(items)} concepts; give one, or one per prompt")
         bindings = [dict(item) if isinstance(item, Mapping) else {placeholder: item} for item in items]
+        width = self.global_mapper.config.output_dim
         for binding in bindings:
             for key, value in binding.items():
                 if not isinstance(value, ConceptEmbedding):
                     raise InputError(f"placeholder {key!r} is bound to a {type(value).__name__}, "
                                      "not a ConceptEmbedding")
+                if value.words.shape[-1] != width or value.local_tokens.shape[-1] != width:
+                    raise InputError(f"concept {value.concept_id!r} has embeddings of width "
+                                     f"{value.words.shape[-1]}; this pipeline's text encoder takes {width} "
+                                     "(encoded with other models?)")
         return prompts, bindings
 
     def _encode_plain(self, prompts: list[str]) -> torch.Tensor:
