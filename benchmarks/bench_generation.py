@@ -19,9 +19,9 @@ attention dim 768; CLIP text model of hidden 768), saved in the real on-disk lay
 folder and loaded with `ElitePipeline.from_pretrained`. Concepts are encoded by the pipeline from the
 release's test images (a small random CLIP vision tower feeds the mappers).
 
-    python benchmarks/bench_generation.py            # defaults: 256x256, 10 steps, batch 4, 2 timed reps
-    python benchmarks/bench_generation.py --quick    # smoke run: 128x128, 4 steps, batch 2, 1 rep
-    python benchmarks/bench_generation.py --steps 20 --batch 8 --reps 3 --size 512
+    python benchmarks/bench_generation.py            # defaults: 256x256, 10 steps, batch 4, 3 timed reps
+    python benchmarks/bench_generation.py --quick    # smoke run: 128x128, 3 steps, batch 2, 1 rep
+    python benchmarks/bench_generation.py --steps 20 --batch 8 --reps 3 --size 512 --text-layers 12
 """
 
 from __future__ import annotations
@@ -33,13 +33,17 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
+import huggingface_hub
 import numpy as np
 import torch
+import transformers
 from diffusers import (
     AutoencoderKL,
     LMSDiscreteScheduler,
@@ -50,15 +54,15 @@ from diffusers.models.attention_processor import Attention
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import core_count, exact_command, machine_info, peak_rss_mib, save_results  # noqa: E402
+from _common import core_count, exact_command, gemm_probe, machine_info, peak_rss_mib, rusage, save_results
 
-from elite.concepts import ConceptEmbedding, find_concepts  # noqa: E402
-from elite.configs import SD14_UNET_CONFIG  # noqa: E402
-from elite.mappers import GlobalMapper, LocalMapper, MapperConfig, cross_attention_layers  # noqa: E402
-from elite.pipeline import ElitePipeline  # noqa: E402
-from elite.preprocessing import open_image  # noqa: E402
-from elite.text import encode_prompts  # noqa: E402
-from elite.tiny import write_tokenizer_files  # noqa: E402
+from elite.concepts import ConceptEmbedding, find_concepts
+from elite.configs import SD14_UNET_CONFIG
+from elite.mappers import GlobalMapper, LocalMapper, MapperConfig, cross_attention_layers
+from elite.pipeline import ElitePipeline
+from elite.preprocessing import open_image
+from elite.text import encode_prompts
+from elite.tiny import write_tokenizer_files
 
 CONCEPT_DIR = Path("/work/shared/data/elite-test-concepts")
 PROMPT = "a photo of a S"  # the reference template with the reference placeholder
@@ -113,7 +117,8 @@ def build_models(out: Path, args: argparse.Namespace) -> tuple[ModelPaths, dict[
         hidden_size=args.vision_dim, intermediate_size=4 * args.vision_dim, num_hidden_layers=16,
         num_attention_heads=max(1, args.vision_dim // 64), image_size=224, patch_size=14,
         projection_dim=768)).save_pretrained(paths.vision_model)
-    config = MapperConfig(input_dim=args.vision_dim, output_dim=768, cross_attention_layers=cross_attention_layers(unet))
+    config = MapperConfig(input_dim=args.vision_dim, output_dim=768,
+                          cross_attention_layers=cross_attention_layers(unet))
     for cls, path in ((GlobalMapper, paths.global_mapper), (LocalMapper, paths.local_mapper)):
         mapper = cls(config)
         for layer, _ in config.cross_attention_layers:  # k/v copies start from the UNet's own, as in training
@@ -280,7 +285,7 @@ def reference_loop(pipe: ElitePipeline, concepts: list[ConceptEmbedding], seeds:
     context = ReleaseContext()
     images = []
     with release_attention(pipe, context, self_attention):
-        for concept, seed in zip(concepts, seeds):
+        for concept, seed in zip(concepts, seeds, strict=True):
             scheduler = LMSDiscreteScheduler.from_config(pipe.scheduler.config)  # fresh, as the release
             uncond_input = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                                      return_tensors="pt")
@@ -372,12 +377,34 @@ def timed(fn: Any) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
+@torch.inference_mode()
+def unet_batching(unet: UNet2DConditionModel, latent: int, row_counts: list[int], reps: int = 3) -> dict[str, Any]:
+    """The bare UNet (whatever processors it has, here diffusers' defaults) at several rows per call."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = {rows: (torch.randn(rows, unet.config.in_channels, latent, latent, generator=generator),
+                     torch.randn(rows, 77, unet.config.cross_attention_dim, generator=generator))
+              for rows in row_counts}
+    for sample, context in inputs.values():  # two warm-up calls per shape
+        for _ in range(2):
+            unet(sample, 500, encoder_hidden_states=context)
+    times: dict[int, list[float]] = {rows: [] for rows in row_counts}
+    for _ in range(reps):  # interleaved
+        for rows, (sample, context) in inputs.items():
+            start = time.perf_counter()
+            unet(sample, 500, encoder_hidden_states=context)
+            times[rows].append(time.perf_counter() - start)
+    return {str(rows): {"ms_per_call": round(1000 * statistics.median(t), 1),
+                        "ms_per_row": round(1000 * statistics.median(t) / rows, 1)} for rows, t in times.items()}
+
+
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=4, help="images per call of (a) and (c)")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps (reference: 100, demo: 20)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (latent = size / 8)")
-    parser.add_argument("--reps", type=int, default=2, help="timed repetitions per contender (after one warm-up)")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per contender (interleaved)")
+    parser.add_argument("--warmup-steps", type=int, default=2,
+                        help="steps of the one warm-up call per contender (same shapes as the timed calls)")
     parser.add_argument("--seed", type=int, default=1000, help="image i gets seed SEED + i")
     parser.add_argument("--model-seed", type=int, default=0)
     parser.add_argument("--unet-channels", type=int, nargs=4, default=(128, 256, 256, 256))
@@ -386,14 +413,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vae-channels", type=int, nargs=4, default=(32, 64, 128, 128))
     parser.add_argument("--vision-dim", type=int, default=256, help="hidden size of the small vision tower")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: core count)")
-    parser.add_argument("--no-breakdown", action="store_true", help="skip the hooked breakdown runs")
+    parser.add_argument("--no-breakdown", action="store_true",
+                        help="no forward hooks on the UNet / attention layers during the timed calls")
+    parser.add_argument("--no-batching-curve", action="store_true",
+                        help="skip timing the bare UNet at 1, 2 and 2*batch rows per call")
     parser.add_argument("--release-self-attention", action="store_true",
-                        help="also time (b) with self-attention on the release's math path (slower)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 128x128, 4 steps, batch 2, 1 rep")
+                        help="add contender b2: (b) with self-attention on the release's math path too")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 128x128, 3 steps, batch 2, 1 rep")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/generation.json)")
     args = parser.parse_args()
     if args.quick:
-        args.size, args.steps, args.batch, args.reps = 128, 4, 2, 1
+        args.size, args.steps, args.batch, args.reps, args.warmup_steps = 128, 3, 2, 1, 1
     if args.size % 8:
         parser.error("--size must be a multiple of 8")
     return args
@@ -401,11 +431,17 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+    # The reference LMS config has steps_offset 0, as the release builds it (unused by "linspace" spacing).
+    warnings.filterwarnings("ignore", message="(?s).*steps_offset", category=FutureWarning)
     torch.set_num_threads(args.threads or core_count())
     t_start = time.perf_counter()
     info = machine_info()
     print(f"machine: {info['cpu_model']}, {info['cores']} cores, torch {info['torch']} "
           f"({torch.get_num_threads()} threads), diffusers {info['diffusers']}; {info['date']}")
+    print(f"command: {exact_command()}")
     seeds = [args.seed + i for i in range(args.batch)]
 
     with tempfile.TemporaryDirectory(prefix="elite-bench-") as tmp:
@@ -423,13 +459,13 @@ def main() -> None:
     sd.set_progress_bar_config(disable=True)
 
     contenders: dict[str, Any] = {
-        "a_elite_pipeline": lambda: run_elite(pipe, concepts, seeds, args.steps, args.size),
-        "b_reference_loop": lambda: reference_loop(pipe, concepts, seeds, args.steps, args.size),
-        "c_plain_sd": lambda: run_plain(sd, seeds, args.steps, args.size),
+        "a_elite_pipeline": lambda steps: run_elite(pipe, concepts, seeds, steps, args.size),
+        "b_reference_loop": lambda steps: reference_loop(pipe, concepts, seeds, steps, args.size),
+        "c_plain_sd": lambda steps: run_plain(sd, seeds, steps, args.size),
     }
     if args.release_self_attention:
-        contenders["b2_reference_loop_release_self_attention"] = lambda: reference_loop(
-            pipe, concepts, seeds, args.steps, args.size, self_attention=True)
+        contenders["b2_reference_loop_release_self_attention"] = lambda steps: reference_loop(
+            pipe, concepts, seeds, steps, args.size, self_attention=True)
 
     # Check that (b) is a fair stand-in: at batch 1 it must give (a)'s image.
     print("check: (a) vs (b) at batch 1 ...", flush=True)
@@ -438,83 +474,152 @@ def main() -> None:
     diff_batch1 = float(np.abs(one_a - one_b).max())
     print(f"  max |a - b| over the output array at batch 1: {diff_batch1:.2e}")
 
-    print("warm-up: one call of each contender ...", flush=True)
-    outputs = {}
+    print(f"warm-up: one call of each contender ({args.warmup_steps} steps) ...", flush=True)
     warmup_s = {}
     for name, fn in contenders.items():
-        warmup_s[name], outputs[name] = timed(fn)
+        warmup_s[name], _ = timed(lambda fn=fn: fn(args.warmup_steps))
         print(f"  {name}: {warmup_s[name]:.1f} s", flush=True)
 
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for rep in range(args.reps):  # interleaved, so slow drift hits every contender alike
-        for name, fn in contenders.items():
-            seconds, outputs[name] = timed(fn)
-            times[name].append(seconds)
-            print(f"  rep {rep + 1}/{args.reps} {name}: {seconds:.2f} s = {args.batch / seconds:.3f} images/s",
-                  flush=True)
+    # Timed calls, interleaved rep by rep (order reversed every other rep) so the VM's drifting speed
+    # hits every contender alike; speed-ups are taken within a rep, between neighbouring calls.
+    outputs: dict[str, np.ndarray] = {}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}
+    hooks: dict[str, list[tuple[float, Breakdown]]] = {name: [] for name in contenders}
+    for rep in range(args.reps):
+        order = list(contenders) if rep % 2 == 0 else list(reversed(contenders))
+        for name in order:
+            probe = gemm_probe()
+            hook = None if args.no_breakdown else Breakdown(pipe.unet)
+            user0, sys0, faults0 = rusage()
+            try:
+                seconds, outputs[name] = timed(lambda fn=contenders[name]: fn(args.steps))
+            finally:
+                if hook is not None:
+                    hook.close()
+            user1, sys1, faults1 = rusage()
+            cpu = user1 - user0 + sys1 - sys0
+            runs[name].append({"seconds": seconds, "cpu_seconds": cpu, "system_seconds": sys1 - sys0,
+                               "minor_page_faults": faults1 - faults0, "gemm_probe_gflops": probe})
+            if hook is not None:
+                hooks[name].append((seconds, hook))
+            print(f"  rep {rep + 1}/{args.reps} {name}: {seconds:.2f} s = {args.batch / seconds:.3f} images/s "
+                  f"(cpu {cpu:.1f} s of which system {sys1 - sys0:.1f} s, {faults1 - faults0} minor page faults; "
+                  f"GEMM probe before: {probe:.0f} GFLOP/s)", flush=True)
 
     diff_batch = float(np.abs(outputs["a_elite_pipeline"] - outputs["b_reference_loop"]).max())
     diff_plain = float(np.abs(outputs["a_elite_pipeline"] - outputs["c_plain_sd"]).max())
 
-    breakdown: dict[str, Any] = {}
-    if not args.no_breakdown:
-        print("breakdown: one hooked call of each contender ...", flush=True)
-        for name, fn in contenders.items():
-            hooks = Breakdown(pipe.unet)
-            try:
-                total, _ = timed(fn)
-            finally:
-                hooks.close()
-            tot = hooks.totals
-            breakdown[name] = {
-                "total_s": round(total, 3),
-                "unet_s": round(tot["unet"], 3),
-                "unet_calls": hooks.unet_calls,
-                "unet_rows_per_call": hooks.unet_rows / max(hooks.unet_calls, 1),
-                "unet_ms_per_row": round(1000 * tot["unet"] / max(hooks.unet_rows, 1), 1),
-                "attn2_s": round(tot["attn2"], 3),
-                "attn1_s": round(tot["attn1"], 3),
-                "attn2_ms_per_row": round(1000 * tot["attn2"] / max(hooks.unet_rows, 1), 2),
-                "unet_minus_attention_s": round(tot["unet"] - tot["attn1"] - tot["attn2"], 3),
-                "outside_unet_s": round(total - tot["unet"], 3),
-            }
-            b = breakdown[name]
-            print(f"  {name}: total {b['total_s']:.2f} s, UNet {b['unet_s']:.2f} s in {b['unet_calls']} calls "
-                  f"of {b['unet_rows_per_call']:.0f} rows ({b['unet_ms_per_row']} ms/row), attn2 {b['attn2_s']:.2f} s "
-                  f"({b['attn2_ms_per_row']} ms/row), attn1 {b['attn1_s']:.2f} s, outside UNet "
-                  f"{b['outside_unet_s']:.2f} s", flush=True)
-
     results: dict[str, Any] = {}
-    for name, values in times.items():
-        median = statistics.median(values)
-        results[name] = {"seconds": [round(v, 3) for v in values], "median_s": round(median, 3),
-                         "images_per_s": round(args.batch / median, 4),
-                         "s_per_image": round(median / args.batch, 3), "warmup_s": round(warmup_s[name], 3)}
-    a, b, c = (results[k]["median_s"] for k in ("a_elite_pipeline", "b_reference_loop", "c_plain_sd"))
-    speedup = b / a
-    overhead = a / c - 1
-    summary = {
-        "speedup_a_over_b": round(speedup, 3), "target_speedup": 1.5, "speedup_met": speedup >= 1.5,
-        "overhead_a_over_c": round(overhead, 4), "target_overhead": 0.15, "overhead_met": overhead <= 0.15,
-        "max_abs_diff_a_b_batch1": diff_batch1, f"max_abs_diff_a_b_batch{args.batch}": diff_batch,
+    for name, values in runs.items():
+        call_seconds = [r["seconds"] for r in values]
+        median = statistics.median(call_seconds)
+        results[name] = {
+            "seconds": [round(v, 3) for v in call_seconds],
+            "cpu_seconds": [round(r["cpu_seconds"], 2) for r in values],
+            "system_seconds": [round(r["system_seconds"], 2) for r in values],
+            "minor_page_faults": [int(r["minor_page_faults"]) for r in values],
+            "gemm_probe_gflops": [round(r["gemm_probe_gflops"], 1) for r in values],
+            "median_s": round(median, 3), "min_s": round(min(call_seconds), 3),
+            "images_per_s": round(args.batch / median, 4),
+            "images_per_s_best": round(args.batch / min(call_seconds), 4),
+            "s_per_image": round(median / args.batch, 3), "warmup_s": round(warmup_s[name], 3),
+        }
+
+    breakdown: dict[str, Any] = {}
+    for name, items in hooks.items():  # per timed call; the median over the reps, field by field
+        if not items:
+            continue
+        per_rep = []
+        for total, h in items:
+            tot, rows = h.totals, max(h.unet_rows, 1)
+            per_rep.append({
+                "call_s": total, "unet_s": tot["unet"], "unet_calls": h.unet_calls,
+                "unet_rows_per_call": h.unet_rows / max(h.unet_calls, 1),
+                "unet_ms_per_row": 1000 * tot["unet"] / rows,
+                "attn2_s": tot["attn2"], "attn2_share_of_unet": tot["attn2"] / tot["unet"],
+                "attn2_ms_per_row": 1000 * tot["attn2"] / rows,
+                "attn1_s": tot["attn1"], "attn1_ms_per_row": 1000 * tot["attn1"] / rows,
+                "unet_without_attention_ms_per_row": 1000 * (tot["unet"] - tot["attn1"] - tot["attn2"]) / rows,
+                "outside_unet_s": total - tot["unet"],
+            })
+        breakdown[name] = {key: round(statistics.median(r[key] for r in per_rep), 4) for key in per_rep[0]}
+
+    batching: dict[str, Any] = {}
+    if not args.no_batching_curve:
+        print("UNet alone, default attention processors: ms per row at several batch sizes ...", flush=True)
+        batching = unet_batching(pipe.unet, args.size // 8, sorted({1, 2, 2 * args.batch}))
+
+    # Paired ratios: within each rep the contenders ran back to back.
+    a_runs, b_runs, c_runs = runs["a_elite_pipeline"], runs["b_reference_loop"], runs["c_plain_sd"]
+    pairs_b_a = [rb["seconds"] / ra["seconds"] for ra, rb in zip(a_runs, b_runs, strict=True)]
+    pairs_a_c = [ra["seconds"] / rc["seconds"] for ra, rc in zip(a_runs, c_runs, strict=True)]
+    speedup = statistics.median(pairs_b_a)
+    overhead = statistics.median(pairs_a_c) - 1
+    summary: dict[str, Any] = {
+        "speedup_a_over_b": round(speedup, 3), "speedup_a_over_b_per_rep": [round(x, 3) for x in pairs_b_a],
+        "speedup_a_over_b_from_medians": round(results["b_reference_loop"]["median_s"]
+                                               / results["a_elite_pipeline"]["median_s"], 3),
+        "target_speedup": 1.5, "speedup_met": speedup >= 1.5,
+        "overhead_a_over_c": round(overhead, 4), "overhead_a_over_c_per_rep": [round(x - 1, 4) for x in pairs_a_c],
+        "overhead_a_over_c_from_medians": round(results["a_elite_pipeline"]["median_s"]
+                                                / results["c_plain_sd"]["median_s"] - 1, 4),
+        "target_overhead": 0.15, "overhead_met": overhead <= 0.15,
+        "max_abs_diff_a_b_batch1": diff_batch1, "max_abs_diff_a_b_batch": diff_batch,
         "max_abs_diff_a_c": diff_plain,
     }
+    if breakdown:
+        ba, bb, bc = (breakdown[k] for k in ("a_elite_pipeline", "b_reference_loop", "c_plain_sd"))
+        summary["unet_ms_per_row"] = {k: v["unet_ms_per_row"] for k, v in breakdown.items()}
+        summary["unet_ms_per_row_b_over_a"] = round(bb["unet_ms_per_row"] / ba["unet_ms_per_row"], 3)
+        summary["unet_ms_per_row_a_over_c"] = round(ba["unet_ms_per_row"] / bc["unet_ms_per_row"], 3)
+        # Same rows and shapes in (a) and (c): the cross-attention time difference is what the ELITE
+        # processor costs, less noisy than the difference of two whole calls.
+        summary["overhead_a_over_c_from_attn2"] = round(
+            (ba["attn2_ms_per_row"] - bc["attn2_ms_per_row"]) * ba["unet_calls"] * ba["unet_rows_per_call"]
+            / 1000 / bc["call_s"], 4)
+        summary["non_attention_ms_per_row_b_over_a"] = round(
+            bb["unet_without_attention_ms_per_row"] / ba["unet_without_attention_ms_per_row"], 3)
+        summary["attn2_ms_per_row_b_over_a"] = round(bb["attn2_ms_per_row"] / ba["attn2_ms_per_row"], 3)
+
     print()
-    print(f"{'contender':<44} {'s/call':>8} {'images/s':>9} {'s/image':>8}")
+    print(f"{'contender':<44} {'median s':>9} {'images/s':>9} {'s/image':>8}")
     for name, r in results.items():
-        print(f"{name:<44} {r['median_s']:>8.2f} {r['images_per_s']:>9.3f} {r['s_per_image']:>8.2f}")
-    print(f"speed-up (a) over (b): {speedup:.2f}x (target >= 1.5x: {'met' if speedup >= 1.5 else 'MISSED'})")
-    print(f"overhead (a) over (c): {100 * overhead:+.1f}% (target <= 15%: {'met' if overhead <= 0.15 else 'MISSED'})")
+        print(f"{name:<44} {r['median_s']:>9.2f} {r['images_per_s']:>9.3f} {r['s_per_image']:>8.2f}")
+    if breakdown:
+        print()
+        print(f"{'per timed call':<44} {'UNet ms/row':>11} {'attn2 ms/row':>12} {'attn1 ms/row':>12} "
+              f"{'other ms/row':>12} {'outside UNet s':>14}")
+        for name, b in breakdown.items():
+            print(f"{name:<44} {b['unet_ms_per_row']:>11.1f} {b['attn2_ms_per_row']:>12.2f} "
+                  f"{b['attn1_ms_per_row']:>12.2f} {b['unet_without_attention_ms_per_row']:>12.1f} "
+                  f"{b['outside_unet_s']:>14.2f}")
+    if batching:
+        print()
+        print("UNet alone (default processors), rows per call -> ms per row: " + ", ".join(
+            f"{rows} -> {v['ms_per_row']:.1f}" for rows, v in batching.items()))
+    print()
+    print(f"speed-up (a) over (b): {speedup:.2f}x, median of per-rep ratios {summary['speedup_a_over_b_per_rep']} "
+          f"(target >= 1.5x: {'met' if speedup >= 1.5 else 'MISSED'})")
+    print(f"overhead (a) over (c): {100 * overhead:+.1f}%, per rep {summary['overhead_a_over_c_per_rep']} "
+          f"(target <= 15%: {'met' if overhead <= 0.15 else 'MISSED'})")
+    if breakdown:
+        print(f"ELITE cross-attention cost alone (attn2 time of (a) - (c), over a (c) call): "
+              f"{100 * summary['overhead_a_over_c_from_attn2']:+.1f}%; per UNet row (b)/(a): "
+              f"non-attention {summary['non_attention_ms_per_row_b_over_a']:.2f}x, "
+              f"attn2 {summary['attn2_ms_per_row_b_over_a']:.2f}x")
     print(f"max |a - b|: batch 1 {diff_batch1:.2e}, batch {args.batch} {diff_batch:.2e}; "
           f"max |a - c| (effect of injection) {diff_plain:.2e}")
 
     payload = {
         "benchmark": "generation", "command": exact_command(), "machine": info,
         "settings": {"batch": args.batch, "steps": args.steps, "size": args.size, "reps": args.reps,
-                     "seeds": seeds, "prompt": PROMPT, "guidance_scale": GUIDANCE, "lambda_local": LAMBDA,
-                     "scheduler": "LMSDiscreteScheduler", "dtype": "float32", "concepts": [c.concept_id for c in concepts],
+                     "warmup_steps": args.warmup_steps, "seeds": seeds, "prompt": PROMPT,
+                     "guidance_scale": GUIDANCE, "lambda_local": LAMBDA, "scheduler": "LMSDiscreteScheduler",
+                     "dtype": "float32", "concepts": [c.concept_id for c in concepts],
+                     "breakdown_hooks_during_timed_calls": not args.no_breakdown,
                      "release_self_attention": args.release_self_attention},
         "models": facts, "results": results, "summary": summary, "breakdown": breakdown,
+        "unet_batching_default_processors": batching,
         "peak_rss_mib": round(peak_rss_mib(), 1), "script_wall_s": round(time.perf_counter() - t_start, 1),
     }
     path = save_results("generation", payload, args.out)

@@ -88,7 +88,8 @@ class EliteAttnProcessor(nn.Module):
         value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
         if self.injection is not None and self.to_k_local is not None:
-            out = out.index_add(0, self.injection.rows.to(out.device), self._local_term(attn, query, key))
+            out = out.index_add(0, self.injection.rows.to(out.device),
+                                self._local_term(attn, query, key, attention_mask))
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)  # (batch, queries, inner)
 
         out = attn.to_out[0](out)
@@ -99,7 +100,8 @@ class EliteAttnProcessor(nn.Module):
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _local_term(self, attn: Attention, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    def _local_term(self, attn: Attention, query: torch.Tensor, key: torch.Tensor,
+                    attention_mask: torch.Tensor | None) -> torch.Tensor:
         injection = self.injection
         assert injection is not None
         rows = injection.rows.to(query.device)
@@ -109,6 +111,8 @@ class EliteAttnProcessor(nn.Module):
 
         # A: attention of every query on each slot's placeholder token, from the global scores.
         scores = query_rows @ key[rows].transpose(-1, -2) * attn.scale  # (injected, heads, queries, context)
+        if attention_mask is not None:  # the same additive mask the global attention used
+            scores = scores + attention_mask[rows]
         index = injection.placeholder_index.to(query.device)[:, None, None, :].expand(-1, heads, queries, -1)
         attention_map = scores.softmax(dim=-1).gather(-1, index)  # (injected, heads, queries, slots)
         if injection.normalization == "per_sample":

@@ -105,3 +105,26 @@ def test_processors_are_installed_and_restored(pipe: ElitePipeline) -> None:
     after = pipe.unet.attn_processors
     assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
     assert not any(isinstance(m, EliteAttnProcessor) for m in pipe.unet.modules())
+
+
+def test_attention_mask_applies_to_the_attention_map(layer: dict) -> None:
+    # masking every context token but the placeholder's gives A = 1 everywhere (after normalisation):
+    # the local term then equals lambda * SDPA over the local tokens, independent of the global scores.
+    mask = torch.zeros(3, CONTEXT)
+    mask[1, :] = -1e9
+    mask[1, layer["index"][0, 0]] = 0.0
+    injection = LocalInjection(torch.tensor([1]), layer["local"][:1, :1], layer["index"][:1, :1],
+                               layer["weight"][:1, :1])
+    proc = EliteAttnProcessor(layer["kg"], layer["vg"], layer["kl"], layer["vl"], injection)
+    plain = EliteAttnProcessor(layer["kg"], layer["vg"])
+    attn = layer["attn"]
+    with torch.no_grad():
+        got = proc(attn, layer["hidden"], layer["context"], attention_mask=mask[:, None, :])
+        base = plain(attn, layer["hidden"], layer["context"], attention_mask=mask[:, None, :])
+        q = _heads(attn.to_q(layer["hidden"][1:2]))
+        k_local = _heads(layer["kl"](layer["local"][0, 0][None]))
+        v_local = _heads(layer["vl"](layer["local"][0, 0][None]))
+        local = torch.nn.functional.scaled_dot_product_attention(q, k_local, v_local) * layer["weight"][0, 0]
+        expected = base[1:2] + local.transpose(1, 2).reshape(1, -1, HEADS * HEAD_DIM) @ attn.to_out[0].weight.T
+    torch.testing.assert_close(got[1:2], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[[0, 2]], base[[0, 2]], atol=1e-6, rtol=0)
