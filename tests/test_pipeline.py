@@ -101,7 +101,7 @@ def test_bad_calls_are_clear(pipe: ElitePipeline, concepts: list[ConceptEmbeddin
     with pytest.raises(InputError, match="got 2 prompts and 3 concepts"):
         pipe(["a S", "b S"], concepts[:3], **SMALL)
     alien = ConceptEmbedding("alien", torch.zeros(5, 768), torch.zeros(256, 768), torch.ones(16, 16))
-    with pytest.raises(InputError, match="concept 'alien' has embeddings of width 768; .* takes 32"):
+    with pytest.raises(InputError, match=r"concept 'alien' has embeddings of width 768; .* takes 32"):
         pipe("a S", alien, **SMALL)
     with pytest.raises(InputError, match="multiples of 8"):
         pipe("a S", concepts[0], **{**SMALL, "height": 60})
