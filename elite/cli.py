@@ -175,6 +175,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elite", description="ELITE: encode visual concepts into word "
                                      "embeddings and generate personalised images with Stable Diffusion 1.x.")
+    parser.add_argument("--verbose", action="store_true", help="keep diffusers/transformers logs and bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert-checkpoint", help="check a release mapper .pt and convert it to safetensors",
@@ -230,8 +231,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep the CLI's output to our progress bars and results: no weight-loading bars or backend notices."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        _quiet_libraries()
     try:
         return int(args.func(args))
     except EliteError as err:
