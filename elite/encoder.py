@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,11 @@ FEATURE_LAYERS = (4, 8, 12, 16)  # method doc: hidden_states indices used after 
 
 class ConceptEncoder(Protocol):
     """Anything that turns concept images (and optional masks) into concept embeddings."""
+
+    @property
+    def encoder_id(self) -> str:
+        """Identifies the weights (and engine): stored with every embedding, part of the dedupe key."""
+        ...
 
     def encode(self, images: Sequence[Image.Image], masks: Sequence[Image.Image | None] | None = None,
                concept_ids: Sequence[str] | None = None) -> list[ConceptEmbedding]: ...
@@ -62,7 +68,34 @@ def check_vision_model(vision_model: CLIPVisionModel, global_mapper: GlobalMappe
                               f"{max(FEATURE_LAYERS)}")
 
 
-class TorchConceptEncoder:
+class PreprocessingEncoder:
+    """Shared front half of every encoder: PIL images and masks -> model inputs -> ConceptEmbeddings."""
+
+    preprocessor: ConceptPreprocessor
+
+    def _run(self, pixel_values: torch.Tensor, object_pixel_values: torch.Tensor,
+             mask_grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def encode(self, images: Sequence[Image.Image], masks: Sequence[Image.Image | None] | None = None,
+               concept_ids: Sequence[str] | None = None) -> list[ConceptEmbedding]:
+        ids = list(concept_ids) if concept_ids is not None else [f"concept-{i}" for i in range(len(images))]
+        mask_list = list(masks) if masks is not None else [None] * len(images)
+        if not (len(ids) == len(images) == len(mask_list)):
+            raise InputError(f"got {len(images)} images, {len(mask_list)} masks and {len(ids)} concept ids")
+        if not images:
+            return []
+        prepared = [self.preprocessor(image, mask, name=cid)
+                    for image, mask, cid in zip(images, mask_list, ids, strict=True)]
+        pixel_values = torch.stack([p.pixel_values for p in prepared])  # (batch, 3, size, size)
+        object_pixel_values = torch.stack([p.object_pixel_values for p in prepared])
+        mask_grid = torch.stack([p.mask_grid for p in prepared])  # (batch, grid, grid)
+        words, local_tokens = self._run(pixel_values, object_pixel_values, mask_grid)
+        return [ConceptEmbedding(cid, words[i].float().cpu(), local_tokens[i].float().cpu(), mask_grid[i])
+                for i, cid in enumerate(ids)]
+
+
+class TorchConceptEncoder(PreprocessingEncoder):
     """Encode concept images with PyTorch; preprocessing travels with the model so they cannot drift."""
 
     def __init__(self, module: ConceptEncoderModule, device: str | torch.device = "cpu",
@@ -72,6 +105,7 @@ class TorchConceptEncoder:
         self.preprocessor = ConceptPreprocessor(config.image_size, config.image_size // config.patch_size)
         self.device = torch.device(device)
         self.dtype = dtype
+        self._encoder_id: str | None = None
 
     @classmethod
     def from_pretrained(cls, vision_model: str | os.PathLike[str], global_mapper: str | os.PathLike[str],
@@ -86,25 +120,27 @@ class TorchConceptEncoder:
         check_vision_model(vision, glob, str(vision_model))
         return cls(ConceptEncoderModule(vision, glob, local), device=device, dtype=dtype)
 
+    @property
+    def encoder_id(self) -> str:
+        """`torch-<sha256 of the weights' content>`: equal weights give equal ids, whatever the files."""
+        if self._encoder_id is None:
+            self._encoder_id = f"torch-{state_digest(self.module)}"
+        return self._encoder_id
+
     @torch.inference_mode()
-    def encode(self, images: Sequence[Image.Image], masks: Sequence[Image.Image | None] | None = None,
-               concept_ids: Sequence[str] | None = None) -> list[ConceptEmbedding]:
-        ids = list(concept_ids) if concept_ids is not None else [f"concept-{i}" for i in range(len(images))]
-        mask_list = list(masks) if masks is not None else [None] * len(images)
-        if not (len(ids) == len(images) == len(mask_list)):
-            raise InputError(f"got {len(images)} images, {len(mask_list)} masks and {len(ids)} concept ids")
-        if not images:
-            return []
-        prepared = [self.preprocessor(image, mask, name=cid)
-                    for image, mask, cid in zip(images, mask_list, ids, strict=True)]
-        pixel_values = torch.stack([p.pixel_values for p in prepared])  # (batch, 3, size, size)
-        object_pixel_values = torch.stack([p.object_pixel_values for p in prepared])
-        mask_grid = torch.stack([p.mask_grid for p in prepared])  # (batch, grid, grid)
-        words, local_tokens = self.module(
-            pixel_values.to(self.device, self.dtype), object_pixel_values.to(self.device, self.dtype),
-            mask_grid.to(self.device, self.dtype))
-        return [ConceptEmbedding(cid, words[i].float().cpu(), local_tokens[i].float().cpu(), mask_grid[i])
-                for i, cid in enumerate(ids)]
+    def _run(self, pixel_values: torch.Tensor, object_pixel_values: torch.Tensor,
+             mask_grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.module(pixel_values.to(self.device, self.dtype),
+                           object_pixel_values.to(self.device, self.dtype), mask_grid.to(self.device, self.dtype))
+
+
+def state_digest(module: nn.Module) -> str:
+    """sha256 over a module's tensors (names, dtypes, shapes and bytes), independent of file format."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

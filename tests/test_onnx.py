@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from elite.concepts import find_concepts
+from elite.encoder import TorchConceptEncoder, state_digest
+from elite.errors import CheckpointError, InputError
+from elite.export import export_concept_encoder
+from elite.onnx_encoder import OnnxConceptEncoder
+from elite.pipeline import unet_cross_attention_layers
+from elite.tiny import TinyModels
+
+
+@pytest.fixture(scope="module")
+def torch_encoder(tiny_models: TinyModels) -> TorchConceptEncoder:
+    return TorchConceptEncoder.from_pretrained(tiny_models.vision_model, tiny_models.global_mapper,
+                                               tiny_models.local_mapper,
+                                               unet_cross_attention_layers(tiny_models.pretrained_model))
+
+
+@pytest.fixture(scope="module")
+def exported(torch_encoder: TorchConceptEncoder, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("onnx")
+    return {p: export_concept_encoder(torch_encoder.module, folder / f"encoder-{p}.onnx", p)  # type: ignore[arg-type]
+            for p in ("fp32", "int8", "fp16")}
+
+
+@pytest.fixture(scope="module")
+def shared(concepts_dir: Path) -> tuple[list[str], list[Image.Image], list[Image.Image | None]]:
+    sources = find_concepts(concepts_dir)
+    return ([s.concept_id for s in sources], [Image.open(s.image) for s in sources],
+            [Image.open(s.mask) if s.mask else None for s in sources])
+
+
+def _stack(embeddings: list) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([e.words for e in embeddings]), torch.stack([e.local_tokens for e in embeddings])
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    keep = a.norm(dim=-1) > 0  # background local tokens are exactly zero in both
+    return torch.nn.functional.cosine_similarity(a[keep], b[keep], dim=-1)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_fp32_onnx_matches_torch_on_the_shared_concepts(torch_encoder: TorchConceptEncoder, exported: dict,
+                                                        shared: tuple, batch: int) -> None:
+    ids, images, masks = shared
+    onnx_encoder = OnnxConceptEncoder(exported["fp32"])
+    for start in range(0, len(ids), batch):
+        chunk = slice(start, start + batch)
+        ref_words, ref_local = _stack(torch_encoder.encode(images[chunk], masks[chunk], ids[chunk]))
+        got = onnx_encoder.encode(images[chunk], masks[chunk], ids[chunk])
+        words, local = _stack(got)
+        assert [e.concept_id for e in got] == ids[chunk]
+        for ref, out in ((ref_words, words), (ref_local, local)):
+            assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_int8_and_fp16_stay_close(torch_encoder: TorchConceptEncoder, exported: dict, shared: tuple) -> None:
+    ids, images, masks = shared
+    ref_words, ref_local = _stack(torch_encoder.encode(images, masks, ids))
+    for precision in ("int8", "fp16"):
+        words, local = _stack(OnnxConceptEncoder(exported[precision]).encode(images, masks, ids))
+        assert _cosine(words.flatten(0, 1), ref_words.flatten(0, 1)).min() >= 0.99, precision
+        assert _cosine(local.flatten(0, 1), ref_local.flatten(0, 1)).min() >= 0.99, precision
+        assert torch.equal(local.norm(dim=-1) > 0, ref_local.norm(dim=-1) > 0)  # the mask is exact
+
+
+def test_metadata_and_encoder_ids(torch_encoder: TorchConceptEncoder, exported: dict) -> None:
+    encoders = {p: OnnxConceptEncoder(path) for p, path in exported.items()}
+    meta = encoders["int8"].metadata
+    assert meta["elite.precision"] == "int8" and meta["elite.feature_layers"] == "4,8,12,16"
+    assert meta["elite.opset"] == "18" and meta["elite.version"]
+    assert meta["elite.vision_sha256"] == state_digest(torch_encoder.module.vision_model)
+    assert meta["elite.global_mapper_sha256"] == state_digest(torch_encoder.module.global_mapper)
+    assert encoders["fp32"].provider == "CPUExecutionProvider"
+    ids = {e.encoder_id for e in encoders.values()} | {torch_encoder.encoder_id}
+    assert len(ids) == 4
+    assert OnnxConceptEncoder(exported["fp32"]).encoder_id == encoders["fp32"].encoder_id
+
+
+def test_bad_files_and_inputs(exported: dict, tmp_path: Path) -> None:
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\x07junk" * 100)
+    with pytest.raises(CheckpointError, match="junk.onnx: not a loadable ONNX encoder"):
+        OnnxConceptEncoder(tmp_path / "junk.onnx")
+    data = Path(exported["fp32"]).read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="cut.onnx: not a loadable ONNX encoder"):
+        OnnxConceptEncoder(tmp_path / "cut.onnx")
+    with pytest.raises(CheckpointError, match="no such ONNX file"):
+        OnnxConceptEncoder(tmp_path / "missing.onnx")
+    encoder = OnnxConceptEncoder(exported["fp32"])
+    good = np.zeros((2, 3, 224, 224), np.float32)
+    with pytest.raises(InputError, match=r"pixel_values has shape \(2, 3, 64, 64\)"):
+        encoder.run(np.zeros((2, 3, 64, 64), np.float32), good, np.ones((2, 16, 16), np.float32))
+    with pytest.raises(InputError, match=r"mask_grid has shape \(3, 16, 16\)"):
+        encoder.run(good, good, np.ones((3, 16, 16), np.float32))
