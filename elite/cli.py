@@ -8,16 +8,20 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from elite.errors import EliteError, InputError
+from elite.errors import EliteError, InputError, StorageError
+
+if TYPE_CHECKING:
+    from elite.concepts import ConceptEmbedding
 
 DEFAULT_PROMPTS = ("a photo of a S on the beach", "a painting of a S in the style of van gogh")
 
 
-def _add_model_args(parser: argparse.ArgumentParser, vision: bool = True, sd: bool = True) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, vision: bool = True, sd: bool = True,
+                    runtime: bool = True) -> None:
     group = parser.add_argument_group("models (hub ids or folders; environment variables give defaults)")
     if sd:
         group.add_argument("--pretrained-model", default=os.environ.get("ELITE_PRETRAINED_MODEL"),
@@ -31,10 +35,11 @@ def _add_model_args(parser: argparse.ArgumentParser, vision: bool = True, sd: bo
                        help="global_mapper.pt of the release, or its safetensors conversion [$ELITE_GLOBAL_MAPPER]")
     group.add_argument("--local-mapper", default=os.environ.get("ELITE_LOCAL_MAPPER"),
                        help="local_mapper.pt of the release, or its safetensors conversion [$ELITE_LOCAL_MAPPER]")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="torch device (default: cuda when available, else cpu)")
-    group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
-                       help="weights dtype (default: float16 on CUDA, float32 on CPU)")
+    if runtime:
+        group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                           help="torch device (default: cuda when available, else cpu)")
+        group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                           help="weights dtype (default: float16 on CUDA, float32 on CPU)")
 
 
 def _require(args: argparse.Namespace, *names: str) -> None:
@@ -59,6 +64,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from elite.encoder import TorchConceptEncoder
+    from elite.export import export_concept_encoder
+    from elite.fileio import sha256_file
+    from elite.pipeline import unet_cross_attention_layers
+
+    _require(args, "vision_model", "global_mapper", "local_mapper")
+    layers = unet_cross_attention_layers(args.pretrained_model) if args.pretrained_model else None
+    encoder = TorchConceptEncoder.from_pretrained(args.vision_model, args.global_mapper, args.local_mapper, layers)
+    sources = {"vision_model": str(args.vision_model),
+               "global_mapper_file_sha256": sha256_file(args.global_mapper),
+               "local_mapper_file_sha256": sha256_file(args.local_mapper)}
+    path = export_concept_encoder(encoder.module, args.out, args.precision, sources)
+    print(f"wrote {path} ({args.precision}, {path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from elite.tiny import make_tiny_models
 
@@ -67,44 +89,78 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_encode(args: argparse.Namespace) -> int:
-    from elite.concepts import find_concepts, save_embeddings
-    from elite.encoder import TorchConceptEncoder, encode_sources
+def _load_encoder(args: argparse.Namespace) -> Any:
+    if args.engine == "onnx":
+        from elite.onnx_encoder import OnnxConceptEncoder
+
+        if not args.onnx:
+            raise InputError("--engine onnx needs --onnx FILE (write one with `elite export-onnx`)")
+        return OnnxConceptEncoder(args.onnx)
+    from elite.encoder import TorchConceptEncoder
     from elite.pipeline import unet_cross_attention_layers
 
     _require(args, "vision_model", "global_mapper", "local_mapper")
+    layers = unet_cross_attention_layers(args.pretrained_model) if args.pretrained_model else None
+    return TorchConceptEncoder.from_pretrained(args.vision_model, args.global_mapper, args.local_mapper,
+                                               layers, device=args.device, dtype=_dtype(args))
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from elite.concepts import find_concepts, save_embeddings
+    from elite.encoder import Failure, encode_sources
+    from elite.store import EmbeddingRecord, EmbeddingStore, sha256_file
+
+    if not args.out and not args.store:
+        raise InputError("give --store DIR (Parquet embedding store) and/or --out FILE (safetensors)")
     sources = find_concepts(args.concepts)
     if not sources:
         raise InputError(f"{args.concepts}: no images (.jpg, .jpeg, .png, .webp) found")
-    layers = unet_cross_attention_layers(args.pretrained_model) if args.pretrained_model else None
-    encoder = TorchConceptEncoder.from_pretrained(args.vision_model, args.global_mapper, args.local_mapper,
-                                                  layers, device=args.device, dtype=_dtype(args))
-    embeddings, failures = encode_sources(encoder, sources, batch_size=args.batch_size)
+    encoder = _load_encoder(args)
+    failures: list[Failure] = []
+    todo, hashes, skipped = list(sources), {}, 0
+    if args.store:
+        store = EmbeddingStore(args.store)
+        todo = []
+        for source in sources:
+            try:
+                hashes[source.concept_id] = (sha256_file(source.image),
+                                             sha256_file(source.mask) if source.mask else None)
+            except StorageError as err:
+                failures.append(Failure(source.concept_id, "read", str(err)))
+                continue
+            if store.has(*hashes[source.concept_id], encoder.encoder_id):
+                skipped += 1
+            else:
+                todo.append(source)
+    embeddings, encode_failures = encode_sources(encoder, todo, batch_size=args.batch_size)
+    failures += encode_failures
     for failure in failures:
         print(f"FAILED {failure.item} ({failure.stage}): {failure.reason}", file=sys.stderr)
-    if embeddings:
-        save_embeddings(args.out, embeddings, {"vision_model": str(args.vision_model)})
-    print(f"encoded {len(embeddings)} of {len(sources)} concepts -> {args.out}")
+    where = []
+    if args.store and embeddings:
+        by_id = {s.concept_id: s for s in todo}
+        result = store.append([EmbeddingRecord.from_embedding(
+            e, source_uri=by_id[e.concept_id].image.resolve().as_uri(), image_sha256=hashes[e.concept_id][0],
+            mask_sha256=hashes[e.concept_id][1], encoder_id=encoder.encoder_id) for e in embeddings])
+        where.append(f"store {args.store} (+{result.written})")
+    if args.out and embeddings:
+        save_embeddings(args.out, embeddings, {"encoder_id": encoder.encoder_id})
+        where.append(str(args.out))
+    print(f"encoded {len(embeddings)} of {len(sources)} concepts ({skipped} already stored, {len(failures)} failed)"
+          f" with {encoder.encoder_id[:18]} -> {', '.join(where) or 'nothing written'}")
     return 1 if failures else 0
 
 
-def generate_images(pipe: object, embeddings_path: str, prompts: Sequence[str], out_dir: str, *,
-                    images_per_prompt: int, batch_size: int, seed: int, concept_ids: Sequence[str] | None,
+def generate_images(pipe: object, concepts: Sequence[ConceptEmbedding], prompts: Sequence[str], out_dir: str, *,
+                    images_per_prompt: int, batch_size: int, seed: int,
                     **call_kwargs: Any) -> list[dict[str, object]]:
     """Every (concept, prompt, index) -> `out_dir/<concept>/p<prompt>-i<index>-s<seed>.png`; skips existing files."""
     from tqdm.auto import tqdm
 
-    from elite.concepts import load_embeddings
     from elite.fileio import atomic_path
     from elite.pipeline import ElitePipeline, derive_seed
 
     assert isinstance(pipe, ElitePipeline)
-    concepts = load_embeddings(embeddings_path)
-    if concept_ids:
-        missing = sorted(set(concept_ids) - {c.concept_id for c in concepts})
-        if missing:
-            raise InputError(f"{embeddings_path}: no concept {missing[0]!r}")
-        concepts = [c for c in concepts if c.concept_id in set(concept_ids)]
     jobs = []
     for concept in concepts:
         for p, prompt in enumerate(prompts):
@@ -128,17 +184,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from elite.pipeline import ElitePipeline
 
     _require(args, "pretrained_model", "global_mapper", "local_mapper")
+    concepts = _read_concepts(args)
     prompts = list(args.prompt) or list(DEFAULT_PROMPTS)
     pipe = ElitePipeline.from_pretrained(args.pretrained_model, None, args.global_mapper, args.local_mapper,
                                          torch_dtype=_dtype(args), device=args.device)
     records = generate_images(
-        pipe, args.embeddings, prompts, args.out, images_per_prompt=args.images_per_prompt,
-        batch_size=args.batch_size, seed=args.seed, concept_ids=args.concept, placeholder=args.placeholder,
+        pipe, concepts, prompts, args.out, images_per_prompt=args.images_per_prompt,
+        batch_size=args.batch_size, seed=args.seed, placeholder=args.placeholder,
         lambda_local=args.lambda_local, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
         height=args.height, width=args.width)
     _write_manifest(Path(args.out) / "manifest.jsonl", records)
     print(f"{len(records)} images in {args.out} (manifest: {Path(args.out) / 'manifest.jsonl'})")
     return 0
+
+
+def _read_concepts(args: argparse.Namespace) -> list[ConceptEmbedding]:
+    from elite.concepts import load_embeddings
+    from elite.store import EmbeddingStore
+
+    if bool(args.embeddings) == bool(args.store):
+        raise InputError("give exactly one of --embeddings FILE and --store DIR")
+    if args.store:
+        return EmbeddingStore(args.store).read_embeddings(args.concept, args.encoder_id)
+    concepts = load_embeddings(args.embeddings)
+    if args.concept:
+        missing = sorted(set(args.concept) - {c.concept_id for c in concepts})
+        if missing:
+            raise InputError(f"{args.embeddings}: no concept {missing[0]!r}")
+        concepts = [c for c in concepts if c.concept_id in set(args.concept)]
+    return concepts
 
 
 def _write_manifest(path: Path, records: list[dict[str, object]]) -> None:
@@ -163,8 +237,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for failure in failures:
         print(f"FAILED {failure.item} ({failure.stage}): {failure.reason}", file=sys.stderr)
     save_embeddings(out / "embeddings.safetensors", embeddings, {"vision_model": "tiny"})
-    records = generate_images(pipe, str(out / "embeddings.safetensors"), DEFAULT_PROMPTS, str(out / "images"),
-                              images_per_prompt=1, batch_size=8, seed=0, concept_ids=None,
+    records = generate_images(pipe, embeddings, DEFAULT_PROMPTS, str(out / "images"),
+                              images_per_prompt=1, batch_size=8, seed=0,
                               num_inference_steps=args.steps, height=args.size, width=args.size)
     _write_manifest(out / "images" / "manifest.jsonl", records)
     print(f"demo: encoded {len(embeddings)} of {len(sources)} concepts, wrote {len(records)} images to "
@@ -187,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained-model", help="check against this SD repo's UNet layers instead of SD 1.x")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("export-onnx", help="export the concept encoder to one ONNX file",
+                       description="Export CLIP vision tower + global mapper + local mapper as one ONNX graph "
+                                   "with a dynamic batch axis. fp32: reference; int8: dynamic int8 weights, the "
+                                   "fast CPU variant; fp16: for CUDA (onnxruntime-gpu).")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32")
+    _add_model_args(p, vision=True, sd=True, runtime=False)
+    p.set_defaults(func=cmd_export_onnx)
+
     p = sub.add_parser("make-tiny-models", help="write tiny random models in the real layouts (offline)")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
@@ -197,7 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "non-zero = object; without a mask the whole image is the object) into "
                                    "five words and 256 local tokens each, written to one safetensors file.")
     p.add_argument("concepts", help="folder of concept images")
-    p.add_argument("--out", required=True, help="embeddings file to write (.safetensors)")
+    p.add_argument("--store", help="Parquet embedding store (folder) to append to; concepts already stored "
+                                   "for this encoder (same image and mask bytes) are skipped")
+    p.add_argument("--out", help="also/instead write this run's embeddings to one .safetensors file")
+    p.add_argument("--engine", choices=("torch", "onnx"), default="torch")
+    p.add_argument("--onnx", help="ONNX encoder file for --engine onnx (from `elite export-onnx`)")
     p.add_argument("--batch-size", type=int, default=8)
     _add_model_args(p, vision=True, sd=True)
     p.set_defaults(func=cmd_encode)
@@ -206,7 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="For every concept of the embeddings file and every prompt, generate "
                                    "images. Prompts hold the placeholder (default S), e.g. 'a photo of a S "
                                    "on the beach'. Files already present are skipped, so a rerun resumes.")
-    p.add_argument("--embeddings", required=True, help="file written by `elite encode`")
+    p.add_argument("--embeddings", help="safetensors file written by `elite encode --out`")
+    p.add_argument("--store", help="Parquet embedding store written by `elite encode --store`")
+    p.add_argument("--encoder-id", help="with --store: read the embeddings of this encoder (needed when "
+                                        "concepts were stored by several)")
     p.add_argument("--prompt", action="append", default=[], help="prompt with the placeholder (repeatable)")
     p.add_argument("--concept", action="append", default=None, help="only these concept ids (repeatable)")
     p.add_argument("--out", required=True, help="output folder")

@@ -7,7 +7,6 @@ Provider preference: CUDA, then CPU (`onnxruntime-gpu` provides CUDA on GPU host
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -18,18 +17,11 @@ import torch
 
 from elite.encoder import PreprocessingEncoder
 from elite.errors import CheckpointError, InputError
+from elite.fileio import sha256_file
 from elite.preprocessing import ConceptPreprocessor
 
 logger = logging.getLogger(__name__)
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class OnnxConceptEncoder(PreprocessingEncoder):
@@ -73,7 +65,7 @@ class OnnxConceptEncoder(PreprocessingEncoder):
     def encoder_id(self) -> str:
         """`onnx-<sha256 of the file>`: a re-export or another precision is another encoder."""
         if self._encoder_id is None:
-            self._encoder_id = f"onnx-{file_sha256(self.path)}"
+            self._encoder_id = f"onnx-{sha256_file(self.path)}"
         return self._encoder_id
 
     def run(self, pixel_values: np.ndarray, object_pixel_values: np.ndarray,

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from elite.pipeline import ElitePipeline
+from elite.encoder import TorchConceptEncoder
+from elite.export import export_concept_encoder
+from elite.pipeline import ElitePipeline, unet_cross_attention_layers
 from elite.tiny import TinyModels, make_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,3 +33,18 @@ def pipe(tiny_models: TinyModels) -> ElitePipeline:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     return ElitePipeline.from_pretrained(tiny_models.pretrained_model, tiny_models.vision_model,
                                          tiny_models.global_mapper, tiny_models.local_mapper)
+
+
+@pytest.fixture(scope="session")
+def torch_encoder(tiny_models: TinyModels) -> TorchConceptEncoder:
+    return TorchConceptEncoder.from_pretrained(tiny_models.vision_model, tiny_models.global_mapper,
+                                               tiny_models.local_mapper,
+                                               unet_cross_attention_layers(tiny_models.pretrained_model))
+
+
+@pytest.fixture(scope="session")
+def exported(torch_encoder: TorchConceptEncoder, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny encoder exported once per session in every precision (about 10 s each)."""
+    folder = tmp_path_factory.mktemp("onnx")
+    return {p: export_concept_encoder(torch_encoder.module, folder / f"encoder-{p}.onnx", p)  # type: ignore[arg-type]
+            for p in ("fp32", "int8", "fp16")}

@@ -9,6 +9,7 @@ from PIL import Image
 
 from elite.cli import main
 from elite.concepts import find_concepts, load_embeddings
+from elite.onnx_encoder import OnnxConceptEncoder
 from elite.tiny import TinyModels
 
 
@@ -67,6 +68,35 @@ def test_encode_records_bad_items_and_keeps_the_rest(tiny_models: TinyModels, co
     assert "FAILED empty (read)" in err
     assert "FAILED badmask (preprocess): badmask: mask size 10x10 differs" in err
     assert sorted(c.concept_id for c in load_embeddings(emb)) == ["1", "2", "nomask"]
+
+
+def test_onnx_engine_into_the_store_is_incremental(tiny_models: TinyModels, exported: dict[str, Path],
+                                                   concepts_dir: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "concepts"
+    folder.mkdir()
+    for name in ("1.jpg", "1_bg.png", "2.jpg", "2_bg.png", "3.jpg", "3_bg.png"):
+        shutil.copy(concepts_dir / name, folder / name)
+    store = tmp_path / "store"
+    encode = ["encode", str(folder), "--store", str(store), "--engine", "onnx", "--onnx", str(exported["int8"])]
+    assert main(encode) == 0
+    assert "encoded 3 of 3 concepts (0 already stored, 0 failed)" in capsys.readouterr().out
+    assert main(encode) == 0  # rerun: nothing new
+    assert "encoded 0 of 3 concepts (3 already stored, 0 failed)" in capsys.readouterr().out
+    shutil.copy(concepts_dir / "7.jpg", folder / "7.jpg")  # a new concept without a mask
+    assert main(encode) == 0
+    assert "encoded 1 of 4 concepts (3 already stored, 0 failed)" in capsys.readouterr().out
+    # the torch engine is another encoder: everything is encoded again under its own id
+    assert main(["encode", str(folder), "--store", str(store), *_model_args(tiny_models)]) == 0
+    assert "encoded 4 of 4 concepts (0 already stored" in capsys.readouterr().out
+    onnx_id = OnnxConceptEncoder(exported["int8"]).encoder_id
+    out = tmp_path / "images"
+    assert main(["generate", "--store", str(store), "--encoder-id", onnx_id, "--concept", "7", "--concept", "1",
+                 "--out", str(out), "--prompt", "a photo of S", "--steps", "2", "--height", "64", "--width", "64",
+                 *_model_args(tiny_models, vision=False)]) == 0
+    assert sorted(p.parent.name for p in out.rglob("*.png")) == ["1", "7"]
+    assert main(["generate", "--store", str(store), "--out", str(out), *_model_args(tiny_models, vision=False)]) == 1
+    assert "encoder" in capsys.readouterr().err  # two encoders stored: the choice must be explicit
 
 
 def test_demo_runs_offline(concepts_dir: Path, tmp_path: Path) -> None:
