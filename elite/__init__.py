@@ -18,20 +18,27 @@ __all__ = [
     "EliteError",
     "ElitePipeline",
     "ElitePipelineOutput",
+    "EmbeddingRecord",
+    "EmbeddingStore",
     "GlobalMapper",
     "InputError",
     "LocalInjection",
     "LocalMapper",
     "MapperConfig",
+    "ObjectStore",
+    "OnnxConceptEncoder",
     "StorageError",
     "TorchConceptEncoder",
     "convert_checkpoint",
     "elite_attention",
+    "embedding_store",
     "encode_prompts",
+    "export_concept_encoder",
     "find_concepts",
     "load_embeddings",
     "load_mapper",
     "make_tiny_models",
+    "open_store",
     "save_embeddings",
 ]
 
@@ -43,7 +50,9 @@ _WHERE = {
     "elite_attention": "attention", "ElitePipeline": "pipeline", "ElitePipelineOutput": "pipeline",
     "GlobalMapper": "mappers", "LocalMapper": "mappers", "MapperConfig": "mappers",
     "convert_checkpoint": "checkpoints", "load_mapper": "checkpoints", "encode_prompts": "text",
-    "make_tiny_models": "tiny",
+    "make_tiny_models": "tiny", "EmbeddingRecord": "store", "EmbeddingStore": "store",
+    "ObjectStore": "storage", "open_store": "storage", "embedding_store": "storage",
+    "OnnxConceptEncoder": "onnx_encoder", "export_concept_encoder": "export",
 }
 
 if TYPE_CHECKING:
@@ -52,9 +61,13 @@ if TYPE_CHECKING:
     from elite.concepts import ConceptEmbedding, find_concepts, load_embeddings, save_embeddings
     from elite.encoder import ConceptEncoder, TorchConceptEncoder
     from elite.errors import CheckpointError, EliteError, InputError, StorageError
+    from elite.export import export_concept_encoder
     from elite.mappers import GlobalMapper, LocalMapper, MapperConfig
+    from elite.onnx_encoder import OnnxConceptEncoder
     from elite.pipeline import ElitePipeline, ElitePipelineOutput
     from elite.preprocessing import ConceptPreprocessor
+    from elite.storage import ObjectStore, embedding_store, open_store
+    from elite.store import EmbeddingRecord, EmbeddingStore
     from elite.text import encode_prompts
     from elite.tiny import make_tiny_models
 

@@ -2,7 +2,7 @@
 
 Layout and the reasons for it: docs/embedding-store.md. In short:
 
-- A store is a folder (or, later, an S3 prefix) of immutable `part-<utc time>-<uuid>.parquet` files.
+- A store is a folder (or an S3 prefix, through `elite.storage`) of immutable `part-<utc time>-<uuid>.parquet` files.
   Each `append` writes one new part under a dot-prefixed temporary name, fsyncs it and renames it,
   so a writer killed mid-write leaves only an invisible `.part-*.tmp` file, never a partial part.
 - Rows are deduplicated on (image sha256, mask sha256, encoder id) against the stored parts.
@@ -12,7 +12,7 @@ Layout and the reasons for it: docs/embedding-store.md. In short:
   out of the Parquet types.
 - Readers find rows from a small index of key columns, then read only the row groups that hold them.
 
-File access goes through `PartStorage`, so an S3 implementation can replace `LocalFolder`.
+File access goes through `PartStorage`: `LocalFolder` here, `elite.storage.ObjectStorePartStorage` for S3.
 """
 
 from __future__ import annotations
@@ -215,9 +215,8 @@ def is_part_name(name: str) -> bool:
 class LocalFolder:
     """Parts in a local folder, published by rename (see `elite.fileio.atomic_path`).
 
-    An S3 implementation would list with `pyarrow.fs.S3FileSystem.get_file_info`, read with
-    `open_input_file`, and write with `open_output_stream` straight to the final key: a multipart
-    upload only becomes visible when it completes, which gives the same atomicity as the rename.
+    On S3, `elite.storage.ObjectStorePartStorage` puts whole parts: an upload only becomes visible when
+    it completes, which gives the same atomicity as the rename.
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:

@@ -21,3 +21,10 @@ def test_mypy_clean() -> None:
 def test_library_imports_without_prefect() -> None:
     code = "import sys, elite, elite.pipeline, elite.cli; assert 'prefect' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_public_api_resolves() -> None:
+    import elite
+
+    missing = [name for name in elite.__all__ if getattr(elite, name, None) is None]
+    assert not missing
