@@ -106,3 +106,14 @@ def rusage() -> tuple[float, float, int]:
 def malloc_env() -> dict[str, str]:
     """glibc malloc tunables in the environment (they change page-fault counts a lot here)."""
     return {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD"))}
+
+
+def announce() -> dict[str, Any]:
+    """Print the machine and the exact command (the header of every benchmark) and return the machine info."""
+    import torch
+
+    info = machine_info()
+    print(f"machine: {info['cpu_model']}, {info['cores']} cores, torch {info['torch']} "
+          f"({torch.get_num_threads()} threads), diffusers {info.get('diffusers', '?')}; {info['date']}")
+    print(f"command: {exact_command()}")
+    return info

@@ -28,7 +28,7 @@ import transformers
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import core_count, exact_command, gemm_probe, machine_info, peak_rss_mib, rusage, save_results
+from _common import announce, core_count, exact_command, gemm_probe, peak_rss_mib, rusage, save_results
 
 from elite.concepts import find_concepts
 from elite.configs import CLIP_L14_VISION_CONFIG
@@ -63,10 +63,7 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(args.threads or core_count())
     t_start = time.perf_counter()
-    info = machine_info()
-    print(f"machine: {info['cpu_model']}, {info['cores']} cores, torch {info['torch']} "
-          f"({torch.get_num_threads()} threads); {info['date']}")
-    print(f"command: {exact_command()}")
+    info = announce()
     rss_start = peak_rss_mib()
 
     torch.manual_seed(args.seed)

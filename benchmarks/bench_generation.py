@@ -54,7 +54,7 @@ from diffusers.models.attention_processor import Attention
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import core_count, exact_command, gemm_probe, machine_info, peak_rss_mib, rusage, save_results
+from _common import announce, core_count, exact_command, gemm_probe, peak_rss_mib, rusage, save_results
 
 from elite.concepts import ConceptEmbedding, find_concepts
 from elite.configs import SD14_UNET_CONFIG
@@ -438,10 +438,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="(?s).*steps_offset", category=FutureWarning)
     torch.set_num_threads(args.threads or core_count())
     t_start = time.perf_counter()
-    info = machine_info()
-    print(f"machine: {info['cpu_model']}, {info['cores']} cores, torch {info['torch']} "
-          f"({torch.get_num_threads()} threads), diffusers {info['diffusers']}; {info['date']}")
-    print(f"command: {exact_command()}")
+    info = announce()
     seeds = [args.seed + i for i in range(args.batch)]
 
     with tempfile.TemporaryDirectory(prefix="elite-bench-") as tmp:

@@ -43,11 +43,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    announce,
     code_version,
     core_count,
     exact_command,
     gemm_probe,
-    machine_info,
     peak_rss_mib,
     rusage,
     save_results,
@@ -414,10 +414,7 @@ def run_child(cmd: list[str]) -> None:
 def parent_main(args: argparse.Namespace) -> None:
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
-    info = machine_info()
-    print(f"machine: {info['cpu_model']}, {info['cores']} cores, torch {info['torch']} ({args.threads} threads); "
-          f"{info['date']}")
-    print(f"command: {exact_command()}")
+    info = announce()
     import onnxruntime
 
     info["onnxruntime"] = onnxruntime.__version__
