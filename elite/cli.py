@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from elite.errors import EliteError, InputError, StorageError
 
 if TYPE_CHECKING:
     from elite.concepts import ConceptEmbedding
+    from elite.pipeline import ElitePipeline
 
 DEFAULT_PROMPTS = ("a photo of a S on the beach", "a painting of a S in the style of van gogh")
 
@@ -151,33 +153,50 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def generate_images(pipe: object, concepts: Sequence[ConceptEmbedding], prompts: Sequence[str], out_dir: str, *,
+@dataclass(frozen=True)
+class _Job:
+    concept: ConceptEmbedding
+    prompt: str
+    seed: int
+    file: Path
+
+    def record(self) -> dict[str, object]:
+        return {"concept_id": self.concept.concept_id, "prompt": self.prompt, "seed": self.seed,
+                "file": str(self.file)}
+
+
+def _safe_segment(concept_id: str) -> str:
+    """A concept id as one path segment; ids that would leave the output folder are refused."""
+    if not concept_id or concept_id in (".", "..") or any(c in concept_id for c in "/\\\0"):
+        raise InputError(f"concept id {concept_id!r} cannot be used as a folder name")
+    return concept_id
+
+
+def generate_images(pipe: ElitePipeline, concepts: Sequence[ConceptEmbedding], prompts: Sequence[str], out_dir: str, *,
                     images_per_prompt: int, batch_size: int, seed: int,
                     **call_kwargs: Any) -> list[dict[str, object]]:
     """Every (concept, prompt, index) -> `out_dir/<concept>/p<prompt>-i<index>-s<seed>.png`; skips existing files."""
     from tqdm.auto import tqdm
 
     from elite.fileio import atomic_path
-    from elite.pipeline import ElitePipeline, derive_seed
+    from elite.pipeline import derive_seed
 
-    assert isinstance(pipe, ElitePipeline)
     jobs = []
     for concept in concepts:
+        folder = Path(out_dir) / _safe_segment(concept.concept_id)
         for p, prompt in enumerate(prompts):
             for i in range(images_per_prompt):
                 s = derive_seed(concept.concept_id, prompt, i, base=seed)
-                path = Path(out_dir) / concept.concept_id / f"p{p:02d}-i{i:02d}-s{s}.png"
-                jobs.append({"concept_id": concept.concept_id, "prompt": prompt, "seed": s, "file": str(path),
-                             "concept": concept})
-    todo = [job for job in jobs if not Path(str(job["file"])).exists()]
+                jobs.append(_Job(concept, prompt, s, folder / f"p{p:02d}-i{i:02d}-s{s}.png"))
+    todo = [job for job in jobs if not job.file.exists()]
     for start in tqdm(range(0, len(todo), batch_size), desc="generating", unit="batch"):
         chunk = todo[start:start + batch_size]
-        out = pipe([str(j["prompt"]) for j in chunk], [j["concept"] for j in chunk],  # type: ignore[misc]
-                   seed=[int(str(j["seed"])) for j in chunk], show_progress=False, **call_kwargs)
+        out = pipe([j.prompt for j in chunk], [j.concept for j in chunk], seed=[j.seed for j in chunk],
+                   show_progress=False, **call_kwargs)
         for job, image in zip(chunk, out.images, strict=True):
-            with atomic_path(str(job["file"])) as tmp:
+            with atomic_path(job.file) as tmp:
                 image.save(tmp, format="PNG")
-    return [{k: v for k, v in job.items() if k != "concept"} for job in jobs]
+    return [job.record() for job in jobs]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -111,3 +111,19 @@ def test_help_is_there(capsys: pytest.CaptureFixture[str]) -> None:
             main([command, "--help"])
         assert info.value.code == 0
         assert "usage: elite" in capsys.readouterr().out
+
+
+def test_concept_ids_cannot_escape_the_output_folder(tiny_models: TinyModels, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from elite.concepts import ConceptEmbedding, save_embeddings
+
+    emb = tmp_path / "evil.safetensors"
+    save_embeddings(emb, [ConceptEmbedding("../evil", torch.zeros(5, 32), torch.zeros(256, 32), torch.ones(16, 16))])
+    out = tmp_path / "out" / "images"
+    code = main(["generate", "--embeddings", str(emb), "--out", str(out), "--prompt", "a S", "--steps", "1",
+                 "--height", "64", "--width", "64", *_model_args(tiny_models, vision=False)])
+    assert code == 1
+    assert "concept id '../evil' cannot be used as a folder name" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "evil").exists()
