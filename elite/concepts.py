@@ -51,6 +51,10 @@ def find_concepts(folder: str | os.PathLike[str]) -> list[ConceptSource]:
         if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.lower().endswith(MASK_SUFFIX):
             continue
         mask = path.with_name(path.stem + MASK_SUFFIX)
+        twin = next((s for s in sources if s.concept_id == path.stem), None)
+        if twin is not None:  # one id, two images: which one is the concept is the user's call
+            raise InputError(f"{root}: concept id {path.stem!r} is given by both {twin.image.name} and "
+                             f"{path.name}; rename or remove one")
         sources.append(ConceptSource(path.stem, path, mask if mask.is_file() else None))
     return sources
 

@@ -127,3 +127,12 @@ def test_concept_ids_cannot_escape_the_output_folder(tiny_models: TinyModels, tm
     assert code == 1
     assert "concept id '../evil' cannot be used as a folder name" in capsys.readouterr().err
     assert not (tmp_path / "out" / "evil").exists()
+
+
+def test_two_images_for_one_concept_id_are_refused(tmp_path: Path) -> None:
+    from elite.errors import InputError
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    with pytest.raises(InputError, match=r"concept id 'a' is given by both a\.jpg and a\.png"):
+        find_concepts(tmp_path)
