@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from elite.errors import EliteError, InputError, StorageError
+from elite.errors import EliteError, Failure, InputError, StorageError
 
 if TYPE_CHECKING:
     from elite.concepts import ConceptEmbedding
@@ -109,7 +109,7 @@ def _load_encoder(args: argparse.Namespace) -> Any:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     from elite.concepts import find_concepts, save_embeddings
-    from elite.encoder import Failure, encode_sources
+    from elite.encoder import encode_sources
     from elite.store import EmbeddingRecord, EmbeddingStore, sha256_file
 
     if not args.out and not args.store:

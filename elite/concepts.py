@@ -46,7 +46,7 @@ def find_concepts(folder: str | os.PathLike[str]) -> list[ConceptSource]:
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
-    sources = []
+    sources: list[ConceptSource] = []
     for path in sorted(root.iterdir(), key=lambda p: p.name):
         if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.lower().endswith(MASK_SUFFIX):
             continue

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -16,7 +15,7 @@ from transformers import CLIPVisionModel
 
 from elite.checkpoints import load_mapper
 from elite.concepts import ConceptEmbedding, ConceptSource
-from elite.errors import CheckpointError, InputError
+from elite.errors import CheckpointError, Failure, InputError
 from elite.mappers import GlobalMapper, LocalMapper
 from elite.preprocessing import ConceptPreprocessor, open_image
 
@@ -141,15 +140,6 @@ def state_digest(module: nn.Module) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class Failure:
-    """One item a batch job could not process: which, at what stage, and why."""
-
-    item: str
-    stage: str
-    reason: str
 
 
 def encode_sources(encoder: ConceptEncoder, sources: Sequence[ConceptSource], batch_size: int = 8,

@@ -5,10 +5,21 @@
     ├── InputError             an image, mask, prompt or argument cannot be used (names the item and why)
     └── StorageError           reading or writing files or objects failed
 
-Callers that process batches catch `EliteError`, record `str(err)` against the item and carry on.
+Callers that process batches catch `EliteError`, record it as a `Failure` against the item and carry on.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One item a batch job could not process: which, at what stage, and why."""
+
+    item: str
+    stage: str
+    reason: str
 
 
 class EliteError(Exception):

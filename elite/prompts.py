@@ -1,0 +1,246 @@
+"""Prompt plans: which images to generate for which concepts, with reproducible seeds and output keys.
+
+    read_prompts(data, name)                 PromptSpecs from a .txt, .jsonl or .csv prompt file
+    plan_work(concepts, prompts, base_seed)  one WorkItem per (concept, prompt, image index) that applies
+    batch_work(items, batch_size)            WorkItems in batches that keep a concept's images together
+
+A seed is either given in the prompt file or derived from (concept id, template, index, base seed), and the
+output key carries it, so a rerun of the same plan reproduces and overwrites exactly the same images.
+Guide: docs/inputs.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import posixpath
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, overload
+
+from elite.errors import Failure, InputError
+from elite.sources import ConceptRef
+
+__all__ = ["PromptSpec", "WorkItem", "batch_work", "plan_work", "read_prompts"]
+
+PROMPT_FIELDS = ("template", "prompt", "images", "concept_id", "class_word", "seeds")
+
+
+def _has_placeholder(template: str, placeholder: str) -> bool:
+    # the same whole-word, case-sensitive match as elite.text.placeholder_pattern (which imports transformers):
+    # "Sunset" or "it's" must not count as containing "S"
+    return re.search(rf"(?<![\w']){re.escape(placeholder)}(?!\w)", template) is not None
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One prompt template and how many images of it to make, for all concepts, one concept, or one class."""
+
+    template: str  # e.g. "a photo of a S on the beach"
+    images: int = 1  # images per concept it applies to
+    concept_id: str | None = None  # only this concept
+    class_word: str | None = None  # only concepts whose ConceptRef.class_word equals this
+    seeds: tuple[int, ...] | None = None  # one per image; None: derived (elite.pipeline.derive_seed)
+    placeholder: str = "S"  # paper / reference: "a photo of a S"
+
+    def __post_init__(self) -> None:
+        if not _has_placeholder(self.template, self.placeholder):
+            raise InputError(f"prompt {self.template!r} does not contain the placeholder {self.placeholder!r} "
+                             "as a word")
+        if isinstance(self.images, bool) or not isinstance(self.images, int) or self.images < 1:
+            raise InputError(f"prompt {self.template!r}: images must be an integer >= 1, got {self.images!r}")
+        if self.concept_id is not None and self.class_word is not None:
+            raise InputError(f"prompt {self.template!r}: give concept_id or class_word, not both")
+        if self.seeds is not None:
+            if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63 for s in self.seeds):
+                raise InputError(f"prompt {self.template!r}: seeds must be integers in [0, 2**63), got {self.seeds}")
+            if len(self.seeds) != self.images:
+                raise InputError(f"prompt {self.template!r}: {len(self.seeds)} seeds for {self.images} images")
+
+    @property
+    def scope(self) -> str:
+        """'all', 'concept:<id>' or 'class:<word>', for logs and reports."""
+        if self.concept_id is not None:
+            return f"concept:{self.concept_id}"
+        return "all" if self.class_word is None else f"class:{self.class_word}"
+
+    def applies_to(self, concept: ConceptRef) -> bool:
+        if self.concept_id is not None:
+            return concept.concept_id == self.concept_id
+        return self.class_word is None or concept.class_word == self.class_word
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One image to generate; `output_key` is unique within a plan and the same on every rerun."""
+
+    concept_id: str
+    prompt: str  # the template, placeholder still in it: the pipeline binds it to the concept
+    index: int  # image number within (concept, prompt), from 0
+    seed: int
+    output_key: str  # <concept_id>/<sha1(template)[:10]>-i<index>-s<seed>.png
+
+
+# ---- prompt files --------------------------------------------------------------------------------
+
+@overload
+def read_prompts(data: bytes | str | os.PathLike[str], name: str | None = None,
+                 strict: Literal[True] = True) -> list[PromptSpec]: ...
+@overload
+def read_prompts(data: bytes | str | os.PathLike[str], name: str | None,
+                 strict: Literal[False]) -> tuple[list[PromptSpec], list[Failure]]: ...
+
+
+def read_prompts(data: bytes | str | os.PathLike[str], name: str | None = None,
+                 strict: bool = True) -> list[PromptSpec] | tuple[list[PromptSpec], list[Failure]]:
+    """PromptSpecs of a prompt file, in file order; the format comes from `name`'s suffix (.txt, .jsonl, .csv).
+
+    `data` is a local path (then `name` defaults to it) or the file's bytes (e.g. `store.get(key)`, with the key
+    as `name`). strict=True: the first bad line raises InputError naming it; strict=False: bad lines come back
+    as `Failure(item="<name>:<line>", stage="prompts", reason)` next to the good specs.
+    """
+    if isinstance(data, bytes):
+        if name is None:
+            raise InputError("read_prompts: give the file's name (its suffix sets the format) along with its bytes")
+        raw = data
+    else:
+        name = os.fspath(data) if name is None else name
+        try:
+            raw = Path(data).read_bytes()
+        except OSError as err:
+            raise InputError(f"{os.fspath(data)}: cannot read prompt file: {err.strerror}") from None
+    suffix = posixpath.splitext(name)[1].lower()
+    if suffix not in (".txt", ".jsonl", ".csv"):
+        raise InputError(f"{name}: prompt file must end in .txt, .jsonl or .csv, not {suffix or 'no suffix'!r}")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{name}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    rows = {".txt": _txt_rows, ".jsonl": _jsonl_rows, ".csv": _csv_rows}[suffix](text, name)
+    specs: list[PromptSpec] = []
+    failures: list[Failure] = []
+    for line, row in rows:
+        try:
+            if isinstance(row, str):
+                raise InputError(row)  # the line could not even be parsed
+            specs.append(_prompt_spec(row))
+        except InputError as err:
+            if strict:
+                raise InputError(f"{name} line {line}: {err}") from None
+            failures.append(Failure(f"{name}:{line}", "prompts", str(err)))
+    return specs if strict else (specs, failures)
+
+
+def _txt_rows(text: str, name: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    for line, raw in enumerate(text.splitlines(), start=1):
+        template = raw.strip()
+        if template and not template.startswith("#"):  # blank lines and comments
+            yield line, {"template": template}
+
+
+def _jsonl_rows(text: str, name: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as err:
+            yield line, f"not valid JSON: {err.msg} at column {err.colno}"
+            continue
+        yield line, value if isinstance(value, dict) else f"expected a JSON object, got {type(value).__name__}"
+
+
+def _csv_rows(text: str, name: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # fields beyond the header go under the key None
+    if reader.fieldnames is None:
+        raise InputError(f"{name}: empty prompt file (no header row)")
+    for row in reader:
+        if row.pop(None, None):
+            yield reader.line_num, f"more fields than the header's {len(reader.fieldnames)}"
+            continue
+        values: dict[str, Any] = {k: v.strip() for k, v in row.items() if v is not None and v.strip()}
+        # CSV cells are text: convert the numeric columns here so the JSONL and CSV paths share the checks
+        try:
+            if "images" in values:
+                values["images"] = int(values["images"])
+            if "seeds" in values:  # "1 2 3", "1;2;3" or a quoted "1,2,3"
+                values["seeds"] = [int(s) for s in re.split(r"[\s,;]+", values["seeds"]) if s]
+        except ValueError as err:
+            yield reader.line_num, f"not an integer: {err}"
+            continue
+        yield reader.line_num, values
+
+
+def _prompt_spec(row: Mapping[str, Any]) -> PromptSpec:
+    unknown = sorted(set(row) - set(PROMPT_FIELDS))
+    if unknown:  # a typo such as "image" would otherwise silently fall back to one image
+        raise InputError(f"unknown field(s) {', '.join(unknown)}; expected {', '.join(PROMPT_FIELDS)}")
+    if "template" in row and "prompt" in row and row["template"] != row["prompt"]:
+        raise InputError("template and prompt are given and differ; give one")
+    template = row.get("template", row.get("prompt"))
+    if not isinstance(template, str) or not template.strip():
+        raise InputError("prompt (or template) is missing or not a non-empty string")
+    for text_field in ("concept_id", "class_word"):
+        if row.get(text_field) is not None and not isinstance(row[text_field], str):
+            raise InputError(f"{text_field} must be a string, got {json.dumps(row[text_field])}")
+    seeds = row.get("seeds")
+    if seeds is not None and not isinstance(seeds, list):
+        raise InputError(f"seeds must be a list of integers, got {json.dumps(seeds)}")
+    return PromptSpec(template.strip(), row.get("images", 1), row.get("concept_id") or None,
+                      row.get("class_word") or None, None if seeds is None else tuple(seeds))
+
+
+# ---- planning ------------------------------------------------------------------------------------
+
+def plan_work(concepts: Sequence[ConceptRef], prompts: Sequence[PromptSpec], base_seed: int = 0) -> list[WorkItem]:
+    """Every (concept, prompt, image index) that applies, in concept order, then prompt order, then index.
+
+    Global prompts apply to every concept, per-concept prompts to that id, per-class prompts to the concepts of
+    that class_word; a prompt whose concept or class is not among `concepts` yields nothing. The seed is the
+    prompt's explicit one or `derive_seed(concept_id, template, index, base_seed)`. A prompt that applies to a
+    concept twice with the same seeds (e.g. globally and for its class) would write the same images twice: it is
+    an InputError naming both, rather than a silent de-duplication.
+    """
+    from elite.pipeline import derive_seed  # lazily: elite.pipeline imports torch and diffusers
+
+    items: list[WorkItem] = []
+    seen: dict[str, PromptSpec] = {}
+    for concept in concepts:
+        for spec in prompts:
+            if not spec.applies_to(concept):
+                continue
+            digest = hashlib.sha1(spec.template.encode()).hexdigest()[:10]  # names files, not security
+            for index in range(spec.images):
+                seed = spec.seeds[index] if spec.seeds is not None else derive_seed(
+                    concept.concept_id, spec.template, index, base_seed)
+                key = f"{concept.concept_id}/{digest}-i{index}-s{seed}.png"
+                if key in seen:
+                    raise InputError(f"prompt {spec.template!r} ({spec.scope}) and ({seen[key].scope}) both make "
+                                     f"image {index} of concept {concept.concept_id!r} with seed {seed}; "
+                                     "drop one or give it other seeds")
+                seen[key] = spec
+                items.append(WorkItem(concept.concept_id, spec.template, index, seed, key))
+    return items
+
+
+def batch_work(items: Sequence[WorkItem], batch_size: int) -> list[list[WorkItem]]:
+    """`items` grouped by concept, then prompt (each in first-seen order), cut into batches of `batch_size`.
+
+    Batches are full except the last: one concept's images stay together, and a batch spans two concepts
+    only where a concept's images do not fill it, so the GPU never idles on a short batch mid-plan.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    concept_rank: dict[str, int] = {}
+    prompt_rank: dict[str, int] = {}
+    for item in items:
+        concept_rank.setdefault(item.concept_id, len(concept_rank))
+        prompt_rank.setdefault(item.prompt, len(prompt_rank))
+    # sorted() is stable, so each (concept, prompt) keeps its images in index order
+    ordered = sorted(items, key=lambda i: (concept_rank[i.concept_id], prompt_rank[i.prompt]))
+    return [ordered[start:start + batch_size] for start in range(0, len(ordered), batch_size)]

@@ -1,0 +1,198 @@
+"""Concept sources on any ObjectStore (a local folder or S3 alike): a folder listing or a manifest file.
+
+    list_concepts(store, prefix)         <name>.<jpg|jpeg|png|webp> with an optional <name>_bg.png mask
+    read_manifest(store, key)            a CSV or JSONL manifest; extra columns pass through as metadata
+
+Both return `ConceptRef`s that hold keys (or URIs), never image bytes, so a flow can pass them between tasks
+and read each image only where it is encoded. Guide: docs/inputs.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import posixpath
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, overload
+
+from elite.errors import Failure, InputError
+from elite.storage import ObjectStore, check_key
+
+__all__ = ["ConceptRef", "MetadataValue", "list_concepts", "read_manifest"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # as elite.concepts.find_concepts
+MASK_SUFFIX = "_bg.png"  # the release's mask naming
+MANIFEST_COLUMNS = ("concept_id", "image", "mask", "class_word")
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+MetadataValue = str | int | float | bool | None
+
+
+@dataclass(frozen=True)
+class ConceptRef:
+    """One concept to encode: where its image (and mask) live, and what a manifest said about it."""
+
+    concept_id: str  # one key segment: it names the concept's output folder
+    image: str  # a key within the store, or an absolute URI (s3://..., file:///...) from a manifest
+    mask: str | None = None  # same form as `image`; None: the whole image is the object
+    class_word: str | None = None  # e.g. "dog"; lets prompt files target a class (elite.prompts)
+    metadata: dict[str, MetadataValue] = field(default_factory=dict)  # a manifest's other columns, unchanged
+
+
+def check_concept_id(concept_id: str) -> str:
+    """`concept_id` if it can name an output folder (one clean key segment), else InputError."""
+    if not concept_id or "/" in concept_id:
+        raise InputError(f"concept id {concept_id!r} is empty or holds '/'; it must be a single key segment")
+    check_key(concept_id)  # refuses '.', '..', backslashes and control characters, as every store key
+    return concept_id
+
+
+# ---- folder convention ---------------------------------------------------------------------------
+
+def list_concepts(store: ObjectStore, prefix: str = "") -> list[ConceptRef]:
+    """Concepts directly under `prefix` (a folder: '' or 'a/b'), sorted by id.
+
+    Every `<name>.<jpg|jpeg|png|webp>` (suffix in any case) not ending in `_bg.png` is a concept with id
+    `<name>`; `<name>_bg.png` next to it is its mask. Deeper keys and other files (README, SOURCE.md) are
+    ignored, as is a mask without an image. Two images of one name (`a.jpg`, `a.png`) are an InputError
+    naming both: which one was meant cannot be guessed, and picking one would silently encode the other never.
+    """
+    folder = prefix.strip("/")
+    start = f"{folder}/" if folder else ""
+    images: dict[str, str] = {}
+    masks: dict[str, str] = {}
+    for info in store.list(start):  # paginated by the store; every key at any depth under `start`
+        name = info.key[len(start):]
+        if "/" in name:
+            continue  # a sub-folder's files belong to another listing
+        lower = name.lower()
+        if lower.endswith(MASK_SUFFIX):
+            _add_unique(masks, name[: -len(MASK_SUFFIX)], info.key, store, "masks")
+        elif lower.endswith(IMAGE_SUFFIXES) and not name.startswith("."):
+            _add_unique(images, posixpath.splitext(name)[0], info.key, store, "images")
+    return [ConceptRef(concept_id, key, masks.get(concept_id)) for concept_id, key in sorted(images.items())]
+
+
+def _add_unique(found: dict[str, str], name: str, key: str, store: ObjectStore, what: str) -> None:
+    if name in found:
+        raise InputError(f"concept {name!r} has two {what}: {store.uri(found[name])} and {store.uri(key)}; "
+                         "keep one")
+    found[name] = key
+
+
+# ---- manifests -----------------------------------------------------------------------------------
+
+@overload
+def read_manifest(store: ObjectStore, key: str, strict: Literal[True] = True) -> list[ConceptRef]: ...
+@overload
+def read_manifest(store: ObjectStore, key: str, strict: Literal[False]) -> tuple[list[ConceptRef], list[Failure]]: ...
+
+
+def read_manifest(store: ObjectStore, key: str,
+                  strict: bool = True) -> list[ConceptRef] | tuple[list[ConceptRef], list[Failure]]:
+    """Concepts of a `.csv` or `.jsonl` manifest at `key`, in file order.
+
+    Columns: concept_id and image (required), mask and class_word (optional; empty = none); any other
+    column is kept in `metadata` (CSV values as strings, JSONL values as their JSON scalars). Relative
+    image and mask paths are resolved against the manifest's folder; '/path' is a key from the store's
+    root and 'scheme://...' an absolute URI, kept as given.
+    strict=True: the first bad row raises InputError naming its line. strict=False: bad rows come back as
+    `Failure(item="<key>:<line>", stage="manifest", reason)` and the good rows are returned with them.
+    A file that cannot be read as a manifest at all (wrong suffix, no header, missing columns) always raises.
+    """
+    suffix = posixpath.splitext(key)[1].lower()
+    if suffix not in (".csv", ".jsonl"):
+        raise InputError(f"{store.uri(key)}: manifest must end in .csv or .jsonl, not {suffix or 'no suffix'!r}")
+    try:
+        text = store.get(key).decode("utf-8-sig")  # -sig: spreadsheets often write a BOM
+    except UnicodeDecodeError as err:
+        raise InputError(f"{store.uri(key)}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    rows = _csv_rows(text, store.uri(key)) if suffix == ".csv" else _jsonl_rows(text)
+    folder = posixpath.dirname(key)
+    refs: list[ConceptRef] = []
+    failures: list[Failure] = []
+    first_line: dict[str, int] = {}
+    for line, row in rows:
+        try:
+            if isinstance(row, str):
+                raise InputError(row)  # the row could not even be parsed
+            ref = _concept_ref(row, folder)
+            if ref.concept_id in first_line:
+                raise InputError(f"concept id {ref.concept_id!r} already given on line {first_line[ref.concept_id]}")
+            first_line[ref.concept_id] = line
+            refs.append(ref)
+        except InputError as err:
+            if strict:
+                raise InputError(f"{store.uri(key)} line {line}: {err}") from None
+            failures.append(Failure(f"{key}:{line}", "manifest", str(err)))
+    return refs if strict else (refs, failures)
+
+
+def _csv_rows(text: str, where: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(line, row) per CSV record; values stay strings. Blank lines are skipped by the csv module."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # fields beyond the header go under the key None
+    if reader.fieldnames is None:
+        raise InputError(f"{where}: empty manifest (no header row)")
+    missing = [c for c in ("concept_id", "image") if c not in reader.fieldnames]
+    if missing:
+        raise InputError(f"{where}: header lacks column(s) {', '.join(missing)}; has {', '.join(reader.fieldnames)}")
+    for row in reader:
+        extra = row.pop(None, None)
+        if extra:
+            count = len(reader.fieldnames)
+            yield reader.line_num, f"{count + len(extra)} fields, the header has {count}"
+        else:
+            # a short row leaves None for its missing fields: treat those as empty, as a spreadsheet would
+            yield reader.line_num, {k: "" if v is None else v for k, v in row.items()}
+
+
+def _jsonl_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(line, object) per non-blank JSONL line; a line that is not a JSON object yields its reason."""
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as err:
+            yield line, f"not valid JSON: {err.msg} at column {err.colno}"
+            continue
+        yield line, value if isinstance(value, dict) else f"expected a JSON object, got {type(value).__name__}"
+
+
+def _concept_ref(row: Mapping[str, Any], folder: str) -> ConceptRef:
+    concept_id, image, mask, class_word = (_text_field(row, name) for name in MANIFEST_COLUMNS)
+    if concept_id is None or image is None:
+        raise InputError(f"{'concept_id' if concept_id is None else 'image'} is missing or empty")
+    metadata: dict[str, MetadataValue] = {}
+    for name, value in row.items():
+        if name in MANIFEST_COLUMNS:
+            continue
+        if not isinstance(value, str | int | float | bool | None):  # JSON arrays and objects
+            raise InputError(f"column {name!r} holds a {type(value).__name__}; metadata values must be scalars")
+        metadata[name] = value
+    return ConceptRef(check_concept_id(concept_id), _resolve(image, folder, "image"),
+                      None if mask is None else _resolve(mask, folder, "mask"), class_word, metadata)
+
+
+def _text_field(row: Mapping[str, Any], name: str) -> str | None:
+    """A known column as stripped text; absent, null and empty all mean 'not given'."""
+    value = row.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"{name} must be a string, got {json.dumps(value)}")
+    return value.strip() or None
+
+
+def _resolve(path: str, folder: str, name: str) -> str:
+    """A manifest path as a store key (relative to the manifest's folder, or '/'-rooted) or an absolute URI."""
+    if _URI.match(path):
+        return path
+    key = path.lstrip("/") if path.startswith("/") else posixpath.join(folder, path)
+    normal = posixpath.normpath(key)
+    if normal == ".." or normal.startswith("../"):
+        raise InputError(f"{name} {path!r} points outside the store's root")
+    return check_key(normal)
