@@ -8,13 +8,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_ruff_clean() -> None:
-    result = subprocess.run([sys.executable, "-m", "ruff", "check", "elite", "tests", "benchmarks"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "elite", "tests", "benchmarks", "flows"], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_mypy_clean() -> None:
-    result = subprocess.run([sys.executable, "-m", "mypy", "elite"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "mypy", "elite", "flows"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -1,0 +1,207 @@
+"""Flow: encode the concept images on a store into the Parquet embedding store, skipping what is stored.
+
+    encode_concepts("s3://bucket/concepts", "s3://bucket/embeddings", vision_model=..., global_mapper=...,
+                    local_mapper=..., pretrained_model=...)
+
+The flow lists concepts (a folder, or a manifest), hashes each image and mask object, skips those already
+stored for this encoder, and hands the rest to one task per batch. A task gets concept refs, reads the
+images itself, encodes and appends one part to the store. Failures (unreadable, unusable images) become rows
+of the returned report and of `_runs/encode-<stamp>-failures.jsonl` inside the store's folder.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from elite.encoder import ConceptEncoder
+from elite.errors import EliteError, Failure, InputError
+from elite.preprocessing import open_image
+from elite.sources import ConceptRef, list_concepts, read_manifest
+from elite.storage import ObjectStore, embedding_store, open_store
+from elite.store import EmbeddingRecord
+from flows._common import RETRIES, publish_summary, put_jsonl, retry_storage_errors, run_stamp
+
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """Which encoder to load; also the key of the per-process encoder cache."""
+
+    engine: str = "torch"  # "torch" or "onnx"
+    onnx_path: str | None = None
+    vision_model: str | None = None
+    global_mapper: str | None = None
+    local_mapper: str | None = None
+    pretrained_model: str | None = None  # its UNet names the mappers' cross-attention layers
+
+
+_ENCODERS: dict[EncoderSettings, ConceptEncoder] = {}
+_ENCODERS_LOCK = threading.Lock()
+
+
+def load_encoder(settings: EncoderSettings) -> ConceptEncoder:
+    """The encoder for `settings`, loaded once per process (threads of one worker share it)."""
+    with _ENCODERS_LOCK:
+        if settings not in _ENCODERS:
+            _ENCODERS[settings] = _build_encoder(settings)
+        return _ENCODERS[settings]
+
+
+def _build_encoder(settings: EncoderSettings) -> ConceptEncoder:
+    if settings.engine == "onnx":
+        from elite.onnx_encoder import OnnxConceptEncoder
+
+        if not settings.onnx_path:
+            raise InputError("engine 'onnx' needs onnx_path (write one with `elite export-onnx`)")
+        return OnnxConceptEncoder(settings.onnx_path)
+    if settings.engine != "torch":
+        raise InputError(f"engine must be 'torch' or 'onnx', got {settings.engine!r}")
+    from elite.encoder import TorchConceptEncoder
+    from elite.pipeline import unet_cross_attention_layers
+
+    if not (settings.vision_model and settings.global_mapper and settings.local_mapper):
+        raise InputError("engine 'torch' needs vision_model, global_mapper and local_mapper")
+    layers = unet_cross_attention_layers(settings.pretrained_model) if settings.pretrained_model else None
+    return TorchConceptEncoder.from_pretrained(settings.vision_model, settings.global_mapper,
+                                               settings.local_mapper, layers)
+
+
+def locate(store: ObjectStore, ref: str) -> tuple[ObjectStore, str]:
+    """(store, key) of a ConceptRef path: a key in `store`, or an absolute URI from a manifest."""
+    if _URI.match(ref):
+        folder, name = posixpath.split(ref)
+        return open_store(folder), name
+    return store, ref
+
+
+@dataclass(frozen=True)
+class Hashed:
+    """A concept to encode, with the content hashes that make up its store key."""
+
+    ref: ConceptRef
+    image_sha256: str
+    mask_sha256: str | None
+
+
+def failure_row(concept_id: str, uri: str, stage: str, reason: str) -> dict[str, str]:
+    return {"concept_id": concept_id, "uri": uri, "stage": stage, "reason": reason}
+
+
+@task(cache_policy=NO_CACHE, retries=RETRIES, retry_condition_fn=retry_storage_errors)  # retries: storage only
+def encode_batch(concepts_uri: str, store_uri: str, settings: EncoderSettings,
+                 batch: list[Hashed]) -> dict[str, Any]:
+    """Read, encode and store one batch; returns {"done": n, "failures": [rows]}."""
+    store = open_store(concepts_uri)
+    encoder = load_encoder(settings)
+    failures: list[dict[str, str]] = []
+    loaded = []
+    for item in batch:
+        where = _uri(store, item.ref.image)
+        try:
+            image = open_image(_read(store, item.ref.image), name=where)
+            mask = open_image(_read(store, item.ref.mask), name=f"{where} mask") if item.ref.mask else None
+            loaded.append((item, image, mask, where))
+        except InputError as err:
+            failures.append(failure_row(item.ref.concept_id, where, "read", str(err)))
+    records = []
+    try:
+        embeddings = encoder.encode([x[1] for x in loaded], [x[2] for x in loaded],
+                                    [x[0].ref.concept_id for x in loaded])
+        encoded = list(zip(loaded, embeddings, strict=True))
+    except InputError:  # one bad item spoils the batch: encode one by one to isolate it
+        encoded = []
+        for entry in loaded:
+            try:
+                encoded.append((entry, encoder.encode([entry[1]], [entry[2]], [entry[0].ref.concept_id])[0]))
+            except InputError as err:
+                failures.append(failure_row(entry[0].ref.concept_id, entry[3], "preprocess", str(err)))
+    for (item, _image, _mask, where), embedding in encoded:
+        metadata = {**item.ref.metadata, "class_word": item.ref.class_word}
+        records.append(EmbeddingRecord.from_embedding(
+            embedding, source_uri=where, image_sha256=item.image_sha256, mask_sha256=item.mask_sha256,
+            encoder_id=encoder.encoder_id, metadata=metadata))
+    if records:
+        embedding_store(store_uri).append(records)
+    return {"done": len(records), "failures": failures}
+
+
+def _uri(store: ObjectStore, ref: str) -> str:
+    where, key = locate(store, ref)
+    return where.uri(key)
+
+
+def _read(store: ObjectStore, ref: str) -> bytes:
+    where, key = locate(store, ref)
+    return where.get(key)
+
+
+def _hash_concepts(store: ObjectStore, refs: list[ConceptRef]) -> tuple[list[Hashed], list[dict[str, str]]]:
+    hashed, failures = [], []
+    for ref in refs:
+        try:
+            image_sha = _sha256(store, ref.image)
+            mask_sha = _sha256(store, ref.mask) if ref.mask else None
+        except EliteError as err:  # a missing or unreadable object: record it, carry on
+            failures.append(failure_row(ref.concept_id, _uri(store, ref.image), "read", str(err)))
+            continue
+        hashed.append(Hashed(ref, image_sha, mask_sha))
+    return hashed, failures
+
+
+def _sha256(store: ObjectStore, ref: str) -> str:
+    where, key = locate(store, ref)
+    return where.sha256(key)
+
+
+@flow(name="encode-concepts", log_prints=True)
+def encode_concepts(concepts_uri: str, store_uri: str, engine: str = "torch", onnx_path: str | None = None,
+                    vision_model: str | None = None, global_mapper: str | None = None,
+                    local_mapper: str | None = None, pretrained_model: str | None = None,
+                    manifest: str | None = None, batch_size: int = 8) -> dict[str, Any]:
+    """Encode every concept under `concepts_uri` (or listed in the `manifest` key there) into `store_uri`."""
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    started = time.perf_counter()
+    settings = EncoderSettings(engine, onnx_path, vision_model, global_mapper, local_mapper, pretrained_model)
+    store = open_store(concepts_uri)
+    failures: list[dict[str, str]] = []
+    if manifest is None:
+        refs = list_concepts(store)
+    else:
+        refs, bad_rows = read_manifest(store, manifest, strict=False)
+        failures += [_manifest_row(store, f) for f in bad_rows]
+    hashed, hash_failures = _hash_concepts(store, refs)
+    failures += hash_failures
+    encoder_id = load_encoder(settings).encoder_id
+    stored = embedding_store(store_uri).stored_keys()
+    todo = [h for h in hashed if (h.image_sha256, h.mask_sha256, encoder_id) not in stored]
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    futures = [encode_batch.submit(concepts_uri, store_uri, settings, batch) for batch in batches]
+    done = 0
+    for future in futures:
+        result = future.result()
+        done += result["done"]
+        failures += result["failures"]
+    report: dict[str, Any] = {"done": done, "skipped": len(hashed) - len(todo), "failed": len(failures),
+                              "failures": failures, "encoder_id": encoder_id, "store_uri": store_uri}
+    report["failures_uri"] = put_jsonl(open_store(store_uri), f"_runs/encode-{run_stamp()}-failures.jsonl", failures)
+    seconds = time.perf_counter() - started
+    publish_summary("encode-concepts", "Encode concepts", {
+        "done": done, "skipped": report["skipped"], "failed": len(failures),
+        "throughput": f"{done / seconds:.2f} concepts/s", "encoder": encoder_id},
+        {"embedding store": store_uri, "failures": report["failures_uri"]})
+    return report
+
+
+def _manifest_row(store: ObjectStore, failure: Failure) -> dict[str, str]:
+    key = failure.item.rpartition(":")[0]
+    return failure_row(failure.item, store.uri(key), failure.stage, failure.reason)
