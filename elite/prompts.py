@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 from elite.errors import Failure, InputError
-from elite.sources import ConceptRef
+from elite.sources import ConceptRef, jsonl_rows
 
 __all__ = ["PromptSpec", "WorkItem", "batch_work", "plan_work", "read_prompts"]
 
@@ -121,7 +121,7 @@ def read_prompts(data: bytes | str | os.PathLike[str], name: str | None = None,
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise InputError(f"{name}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    rows = {".txt": _txt_rows, ".jsonl": _jsonl_rows, ".csv": _csv_rows}[suffix](text, name)
+    rows = {".txt": _txt_rows, ".jsonl": lambda t, _: jsonl_rows(t), ".csv": _csv_rows}[suffix](text, name)
     specs: list[PromptSpec] = []
     failures: list[Failure] = []
     for line, row in rows:
@@ -141,18 +141,6 @@ def _txt_rows(text: str, name: str) -> Iterator[tuple[int, dict[str, Any] | str]
         template = raw.strip()
         if template and not template.startswith("#"):  # blank lines and comments
             yield line, {"template": template}
-
-
-def _jsonl_rows(text: str, name: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    for line, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError as err:
-            yield line, f"not valid JSON: {err.msg} at column {err.colno}"
-            continue
-        yield line, value if isinstance(value, dict) else f"expected a JSON object, got {type(value).__name__}"
 
 
 def _csv_rows(text: str, name: str) -> Iterator[tuple[int, dict[str, Any] | str]]:

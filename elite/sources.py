@@ -110,7 +110,7 @@ def read_manifest(store: ObjectStore, key: str,
         text = store.get(key).decode("utf-8-sig")  # -sig: spreadsheets often write a BOM
     except UnicodeDecodeError as err:
         raise InputError(f"{store.uri(key)}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    rows = _csv_rows(text, store.uri(key)) if suffix == ".csv" else _jsonl_rows(text)
+    rows = _csv_rows(text, store.uri(key)) if suffix == ".csv" else jsonl_rows(text)
     folder = posixpath.dirname(key)
     refs: list[ConceptRef] = []
     failures: list[Failure] = []
@@ -149,7 +149,7 @@ def _csv_rows(text: str, where: str) -> Iterator[tuple[int, dict[str, Any] | str
             yield reader.line_num, {k: "" if v is None else v for k, v in row.items()}
 
 
-def _jsonl_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+def jsonl_rows(text: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(line, object) per non-blank JSONL line; a line that is not a JSON object yields its reason."""
     for line, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
