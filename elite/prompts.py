@@ -24,17 +24,12 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 from elite.errors import Failure, InputError
+from elite.placeholders import placeholder_pattern
 from elite.sources import ConceptRef, jsonl_rows
 
 __all__ = ["PromptSpec", "WorkItem", "batch_work", "plan_work", "read_prompts"]
 
 PROMPT_FIELDS = ("template", "prompt", "images", "concept_id", "class_word", "seeds")
-
-
-def _has_placeholder(template: str, placeholder: str) -> bool:
-    # the same whole-word, case-sensitive match as elite.text.placeholder_pattern (which imports transformers):
-    # "Sunset" or "it's" must not count as containing "S"
-    return re.search(rf"(?<![\w']){re.escape(placeholder)}(?!\w)", template) is not None
 
 
 @dataclass(frozen=True)
@@ -49,7 +44,7 @@ class PromptSpec:
     placeholder: str = "S"  # paper / reference: "a photo of a S"
 
     def __post_init__(self) -> None:
-        if not _has_placeholder(self.template, self.placeholder):
+        if not placeholder_pattern([self.placeholder]).search(self.template):  # "Sunset" has no "S"
             raise InputError(f"prompt {self.template!r} does not contain the placeholder {self.placeholder!r} "
                              "as a word")
         if isinstance(self.images, bool) or not isinstance(self.images, int) or self.images < 1:

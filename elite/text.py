@@ -13,7 +13,6 @@ added: transformers 5's `CLIPTextModel` takes no `inputs_embeds`, and a hook kee
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -21,25 +20,13 @@ import torch
 from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
 from elite.errors import InputError
+from elite.placeholders import placeholder_pattern
 
 
 @dataclass(frozen=True)
 class PromptSlots:
     input_ids: list[int]  # (context_length,) with one position per injected word at each slot
     slots: list[tuple[str, int]]  # (placeholder, first position) of every occurrence, in prompt order
-
-
-def placeholder_pattern(placeholders: Sequence[str]) -> re.Pattern[str]:
-    """Whole-word, case-sensitive occurrences of any placeholder, longest first ("S1" before "S").
-
-    Matching the text, not the token ids, keeps "S" from matching the tail of a word that BPE splits
-    (e.g. "xyzs" -> "xyz", "s</w>") or the "s" of "it's"; positions still come from the tokenizer.
-    """
-    for placeholder in placeholders:
-        if not placeholder.strip() or placeholder != placeholder.strip():
-            raise InputError(f"placeholder {placeholder!r} is empty or has surrounding spaces")
-    alternatives = [re.escape(p) for p in sorted(placeholders, key=len, reverse=True)]
-    return re.compile(rf"(?<![\w'])(?:{'|'.join(alternatives)})(?!\w)")
 
 
 def tokenize_with_placeholders(tokenizer: PreTrainedTokenizerBase, prompt: str, placeholders: Sequence[str],
