@@ -92,19 +92,15 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def _load_encoder(args: argparse.Namespace) -> Any:
-    if args.engine == "onnx":
-        from elite.onnx_encoder import OnnxConceptEncoder
+    from elite.encoder import load_encoder
 
-        if not args.onnx:
-            raise InputError("--engine onnx needs --onnx FILE (write one with `elite export-onnx`)")
-        return OnnxConceptEncoder(args.onnx)
-    from elite.encoder import TorchConceptEncoder
-    from elite.pipeline import unet_cross_attention_layers
-
-    _require(args, "vision_model", "global_mapper", "local_mapper")
-    layers = unet_cross_attention_layers(args.pretrained_model) if args.pretrained_model else None
-    return TorchConceptEncoder.from_pretrained(args.vision_model, args.global_mapper, args.local_mapper,
-                                               layers, device=args.device, dtype=_dtype(args))
+    if args.engine == "onnx" and not args.onnx:
+        raise InputError("--engine onnx needs --onnx FILE (write one with `elite export-onnx`)")
+    if args.engine == "torch":
+        _require(args, "vision_model", "global_mapper", "local_mapper")
+    return load_encoder(args.engine, onnx_path=args.onnx, vision_model=args.vision_model,
+                        global_mapper=args.global_mapper, local_mapper=args.local_mapper,
+                        pretrained_model=args.pretrained_model, device=args.device, dtype=_dtype(args))
 
 
 def cmd_encode(args: argparse.Namespace) -> int:

@@ -142,6 +142,24 @@ def state_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def encode_isolated(encoder: ConceptEncoder, items: Sequence[tuple[str, Image.Image, Image.Image | None]],
+                    ) -> tuple[list[ConceptEmbedding], list[Failure]]:
+    """Encode (concept id, image, mask) items as one batch; if one item spoils it, encode one by one."""
+    if not items:
+        return [], []
+    try:
+        return encoder.encode([x[1] for x in items], [x[2] for x in items], [x[0] for x in items]), []
+    except InputError:  # one bad item spoils the batch: encode one by one to isolate it
+        embeddings: list[ConceptEmbedding] = []
+        failures: list[Failure] = []
+        for concept_id, image, mask in items:
+            try:
+                embeddings += encoder.encode([image], [mask], [concept_id])
+            except InputError as err:
+                failures.append(Failure(concept_id, "preprocess", str(err)))
+        return embeddings, failures
+
+
 def encode_sources(encoder: ConceptEncoder, sources: Sequence[ConceptSource], batch_size: int = 8,
                    show_progress: bool = True) -> tuple[list[ConceptEmbedding], list[Failure]]:
     """Encode concept files in batches; a bad item is recorded as a Failure and the rest carry on."""
@@ -158,13 +176,33 @@ def encode_sources(encoder: ConceptEncoder, sources: Sequence[ConceptSource], ba
                     loaded.append((source.concept_id, image, mask))
                 except InputError as err:
                     failures.append(Failure(source.concept_id, "read", str(err)))
-            try:
-                embeddings += encoder.encode([x[1] for x in loaded], [x[2] for x in loaded], [x[0] for x in loaded])
-            except InputError:  # one bad item spoils the batch: encode one by one to isolate it
-                for concept_id, image, mask in loaded:
-                    try:
-                        embeddings += encoder.encode([image], [mask], [concept_id])
-                    except InputError as err:
-                        failures.append(Failure(concept_id, "preprocess", str(err)))
+            encoded, bad = encode_isolated(encoder, loaded)
+            embeddings += encoded
+            failures += bad
             bar.update(len(chunk))
     return embeddings, failures
+
+
+def load_encoder(engine: str = "torch", *, onnx_path: str | os.PathLike[str] | None = None,
+                 vision_model: str | os.PathLike[str] | None = None,
+                 global_mapper: str | os.PathLike[str] | None = None,
+                 local_mapper: str | os.PathLike[str] | None = None,
+                 pretrained_model: str | os.PathLike[str] | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ConceptEncoder:
+    """An ONNX Runtime encoder (`engine="onnx"`) or a torch one; `pretrained_model` names the UNet whose
+    cross-attention layers the mapper files were built for (default: SD 1.x)."""
+    if engine == "onnx":
+        from elite.onnx_encoder import OnnxConceptEncoder
+
+        if not onnx_path:
+            raise InputError("engine 'onnx' needs an ONNX encoder file (write one with `elite export-onnx`)")
+        return OnnxConceptEncoder(onnx_path)
+    if engine != "torch":
+        raise InputError(f"engine must be 'torch' or 'onnx', got {engine!r}")
+    if not (vision_model and global_mapper and local_mapper):
+        raise InputError("engine 'torch' needs a vision model and both mapper files")
+    from elite.pipeline import unet_cross_attention_layers  # the pipeline module imports this one
+
+    layers = unet_cross_attention_layers(pretrained_model) if pretrained_model else None
+    return TorchConceptEncoder.from_pretrained(vision_model, global_mapper, local_mapper, layers,
+                                               device=device, dtype=dtype)

@@ -21,7 +21,8 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from elite.encoder import ConceptEncoder
+from elite.encoder import ConceptEncoder, encode_isolated
+from elite.encoder import load_encoder as elite_load_encoder
 from elite.errors import EliteError, Failure, InputError
 from elite.preprocessing import open_image
 from elite.sources import ConceptRef, list_concepts, read_manifest
@@ -57,22 +58,9 @@ def load_encoder(settings: EncoderSettings) -> ConceptEncoder:
 
 
 def _build_encoder(settings: EncoderSettings) -> ConceptEncoder:
-    if settings.engine == "onnx":
-        from elite.onnx_encoder import OnnxConceptEncoder
-
-        if not settings.onnx_path:
-            raise InputError("engine 'onnx' needs onnx_path (write one with `elite export-onnx`)")
-        return OnnxConceptEncoder(settings.onnx_path)
-    if settings.engine != "torch":
-        raise InputError(f"engine must be 'torch' or 'onnx', got {settings.engine!r}")
-    from elite.encoder import TorchConceptEncoder
-    from elite.pipeline import unet_cross_attention_layers
-
-    if not (settings.vision_model and settings.global_mapper and settings.local_mapper):
-        raise InputError("engine 'torch' needs vision_model, global_mapper and local_mapper")
-    layers = unet_cross_attention_layers(settings.pretrained_model) if settings.pretrained_model else None
-    return TorchConceptEncoder.from_pretrained(settings.vision_model, settings.global_mapper,
-                                               settings.local_mapper, layers)
+    return elite_load_encoder(settings.engine, onnx_path=settings.onnx_path, vision_model=settings.vision_model,
+                              global_mapper=settings.global_mapper, local_mapper=settings.local_mapper,
+                              pretrained_model=settings.pretrained_model)
 
 
 def locate(store: ObjectStore, ref: str) -> tuple[ObjectStore, str]:
@@ -112,19 +100,12 @@ def encode_batch(concepts_uri: str, store_uri: str, settings: EncoderSettings,
             loaded.append((item, image, mask, where))
         except InputError as err:
             failures.append(failure_row(item.ref.concept_id, where, "read", str(err)))
+    embeddings, bad = encode_isolated(encoder, [(x[0].ref.concept_id, x[1], x[2]) for x in loaded])
+    by_id = {x[0].ref.concept_id: (x[0], x[3]) for x in loaded}
+    failures += [failure_row(f.item, by_id[f.item][1], f.stage, f.reason) for f in bad]
     records = []
-    try:
-        embeddings = encoder.encode([x[1] for x in loaded], [x[2] for x in loaded],
-                                    [x[0].ref.concept_id for x in loaded])
-        encoded = list(zip(loaded, embeddings, strict=True))
-    except InputError:  # one bad item spoils the batch: encode one by one to isolate it
-        encoded = []
-        for entry in loaded:
-            try:
-                encoded.append((entry, encoder.encode([entry[1]], [entry[2]], [entry[0].ref.concept_id])[0]))
-            except InputError as err:
-                failures.append(failure_row(entry[0].ref.concept_id, entry[3], "preprocess", str(err)))
-    for (item, _image, _mask, where), embedding in encoded:
+    for embedding in embeddings:
+        item, where = by_id[embedding.concept_id]
         metadata = {**item.ref.metadata, "class_word": item.ref.class_word}
         records.append(EmbeddingRecord.from_embedding(
             embedding, source_uri=where, image_sha256=item.image_sha256, mask_sha256=item.mask_sha256,
