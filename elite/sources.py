@@ -13,20 +13,18 @@ import csv
 import io
 import json
 import posixpath
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
 from elite.errors import Failure, InputError
-from elite.storage import ObjectStore, check_key
+from elite.storage import ObjectStore, check_key, is_uri
 
 __all__ = ["ConceptRef", "MetadataValue", "list_concepts", "read_manifest"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # as elite.concepts.find_concepts
 MASK_SUFFIX = "_bg.png"  # the release's mask naming
 MANIFEST_COLUMNS = ("concept_id", "image", "mask", "class_word")
-_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 MetadataValue = str | int | float | bool | None
 
@@ -189,7 +187,7 @@ def _text_field(row: Mapping[str, Any], name: str) -> str | None:
 
 def _resolve(path: str, folder: str, name: str) -> str:
     """A manifest path as a store key (relative to the manifest's folder, or '/'-rooted) or an absolute URI."""
-    if _URI.match(path):
+    if is_uri(path):
         return path
     key = path.lstrip("/") if path.startswith("/") else posixpath.join(folder, path)
     normal = posixpath.normpath(key)

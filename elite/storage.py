@@ -21,6 +21,7 @@ import datetime
 import hashlib
 import io
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -519,6 +520,19 @@ def open_store(uri: str | os.PathLike[str], settings: StorageSettings | None = N
             raise InputError(f"{text}: file URLs must be file:///absolute/path (no host)")
         return LocalStore(unquote("/" + path))
     raise InputError(f"{text}: unsupported storage scheme {scheme!r}; use a folder, file:///path or s3://bucket/prefix")
+
+
+def is_uri(text: str) -> bool:
+    """True for `scheme://...` (s3://, file://), false for plain paths and store keys."""
+    return _SCHEME.match(text) is not None
+
+
+def open_object(uri: str, settings: StorageSettings | None = None) -> tuple[LocalStore | S3Store, str]:
+    """(store of the containing folder, key) for the URI or path of one object, e.g. a prompt file."""
+    folder, name = posixpath.split(uri.rstrip("/"))
+    if not name:
+        raise InputError(f"{uri!r} names a folder, not an object")
+    return open_store(folder, settings), name
 
 
 class ObjectStorePartStorage:

@@ -11,8 +11,6 @@ of the returned report and of `_runs/encode-<stamp>-failures.jsonl` inside the s
 
 from __future__ import annotations
 
-import posixpath
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -26,11 +24,9 @@ from elite.encoder import load_encoder as elite_load_encoder
 from elite.errors import EliteError, Failure, InputError
 from elite.preprocessing import open_image
 from elite.sources import ConceptRef, list_concepts, read_manifest
-from elite.storage import ObjectStore, embedding_store, open_store
+from elite.storage import ObjectStore, embedding_store, is_uri, open_object, open_store
 from elite.store import EmbeddingRecord
 from flows._common import RETRIES, publish_summary, put_jsonl, retry_storage_errors, run_stamp
-
-_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 @dataclass(frozen=True)
@@ -65,10 +61,7 @@ def _build_encoder(settings: EncoderSettings) -> ConceptEncoder:
 
 def locate(store: ObjectStore, ref: str) -> tuple[ObjectStore, str]:
     """(store, key) of a ConceptRef path: a key in `store`, or an absolute URI from a manifest."""
-    if _URI.match(ref):
-        folder, name = posixpath.split(ref)
-        return open_store(folder), name
-    return store, ref
+    return open_object(ref) if is_uri(ref) else (store, ref)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,7 @@ plan lands at `_runs/generate-<stamp>.jsonl` in the output store.
 
 from __future__ import annotations
 
-import hashlib
 import io
-import posixpath
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -23,10 +21,11 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from elite.errors import InputError
+from elite.fileio import sha256_bytes
 from elite.pipeline import ElitePipeline
 from elite.prompts import WorkItem, batch_work, plan_work, read_prompts
 from elite.sources import ConceptRef
-from elite.storage import embedding_store, open_store
+from elite.storage import embedding_store, open_object, open_store
 from flows._common import RETRIES, publish_summary, put_jsonl, retry_storage_errors, run_stamp
 
 
@@ -79,7 +78,7 @@ def generate_batch(store_uri: str, out_uri: str, settings: GenerationSettings,
         image.save(buffer, format="PNG")
         data = buffer.getvalue()
         out.put(item.output_key, data)
-        rows.append(result_row(item, settings, out.uri(item.output_key), hashlib.sha256(data).hexdigest(), seconds))
+        rows.append(result_row(item, settings, out.uri(item.output_key), sha256_bytes(data), seconds))
     return rows
 
 
@@ -109,8 +108,8 @@ def generate_images(store_uri: str, prompts_uri: str, out_uri: str, pretrained_m
     started = time.perf_counter()
     settings = GenerationSettings(pretrained_model, global_mapper, local_mapper, encoder_id, steps,
                                   guidance_scale, lambda_local, height, width)
-    folder, name = posixpath.split(prompts_uri)
-    prompts = read_prompts(open_store(folder).get(name), name)
+    prompts_store, name = open_object(prompts_uri)
+    prompts = read_prompts(prompts_store.get(name), name)
     plan = plan_work(_concept_refs(store_uri, concept_ids, encoder_id), prompts, base_seed)
     out = open_store(out_uri)
     todo = [item for item in plan if not out.exists(item.output_key)]
