@@ -364,6 +364,38 @@ class EmbeddingStore:
         take = np.array([row_of[cid] for cid in ids], dtype=np.int64)
         return self._read_rows(parts, newest.column("_part").to_numpy()[take], newest.column("_row").to_numpy()[take])
 
+    def read_info(self, concept_ids: Sequence[str] | None = None, encoder_id: str | None = None) -> pa.Table:
+        """`read_arrays`' rows without the tensors: concept_id, source_uri, hashes, encoder_id, created_at and the
+        metadata columns (null where a row's part lacks one), in the same order. Cheap enough to plan a catalog."""
+        if isinstance(concept_ids, str):
+            raise InputError("concept_ids must be a sequence of ids, not one string")
+        parts = self._refresh()
+        index = self._index(encoder_id, parts)
+        if concept_ids is not None:
+            index = index.filter(pc.is_in(index.column("concept_id"), value_set=pa.array(list(concept_ids),
+                                                                                          pa.string())))
+        newest = _newest_rows(index, encoder_id is None)
+        found = set(newest.column("concept_id").to_pylist())
+        missing = [] if concept_ids is None else [cid for cid in concept_ids if cid not in found]
+        if missing:
+            raise InputError(f"concept id {missing[0]!r} is not in the embedding store at {self.storage.uri()}"
+                             + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""))
+        pieces = []
+        part_nos = newest.column("_part").to_numpy()
+        rows = newest.column("_row").to_numpy()
+        for part_no in np.unique(part_nos):
+            part = parts[part_no]
+            columns = [name for name in part.footer.schema.to_arrow_schema().names if name not in TENSOR_COLUMNS]
+            with self._guard(part.name), self.storage.open_part(part.name) as source:
+                table = pq.ParquetFile(source, metadata=part.footer).read(columns=columns, use_threads=False)
+            pieces.append(table.take(pa.array(rows[part_nos == part_no])))
+        if not pieces:
+            return pa.schema([f for f in CORE_SCHEMA if f.name not in TENSOR_COLUMNS]).empty_table()
+        table = pa.concat_tables(pieces, promote_options="default")
+        order = pc.sort_indices(table, [("concept_id", "ascending")]) if concept_ids is None else pa.array(
+            [position for position in _positions(table.column("concept_id").to_pylist(), list(concept_ids))])
+        return table.take(order)
+
     def read_embeddings(self, concept_ids: Sequence[str] | None = None,
                         encoder_id: str | None = None) -> list[ConceptEmbedding]:
         """`read_arrays` as `ConceptEmbedding`s for generation: local tokens and mask back to float32."""
@@ -520,6 +552,12 @@ def _check_schema(schema: pa.Schema, uri: str) -> None:
             found = "missing" if index < 0 else f"of type {schema.field(index).type}"
             raise StorageError(f"{uri}: core column {expected.name!r} is {found}, "
                                f"schema_version {SCHEMA_VERSION} has {expected.type}")
+
+
+def _positions(have: list[str], wanted: list[str]) -> list[int]:
+    """Positions in `have` of each of `wanted` (all present), in `wanted`'s order."""
+    where = {cid: n for n, cid in enumerate(have)}
+    return [where[cid] for cid in wanted]
 
 
 def _keys_of(keys: pa.Table) -> Iterator[StoreKey]:

@@ -1,18 +1,43 @@
-"""What both flows share: transient-only retries, run-report files and the Prefect artifact."""
+"""What the flows share: transient-only retries, per-thread stores, timings, run tables and the Prefect artifact."""
 
 from __future__ import annotations
 
 import datetime
-import json
-from collections.abc import Sequence
+import io
+import posixpath
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from prefect.artifacts import create_markdown_artifact
 
-from elite.errors import StorageError
-from elite.storage import ObjectStore
+from elite.errors import InputError, StorageError
+from elite.storage import (
+    ObjectStore,
+    StorageSettings,
+    embedding_store,
+    open_store,
+    storage_settings_from_env,
+)
+from elite.store import EmbeddingStore
 
 RETRIES = 2  # storage only: a bad image or checkpoint fails the same way every time
+
+# One row per item that could not be done: the failures table of every flow (`_runs/<flow>-<stamp>-failures.parquet`)
+FAILURE_SCHEMA = pa.schema([
+    pa.field("concept_id", pa.string()),  # the concept (or "" for a prompt-file line, which is named by `uri`)
+    pa.field("uri", pa.string()),  # the object at fault: image, mask, prompt file line, or the output not written
+    pa.field("stage", pa.string()),  # read, preprocess, encode, prompts, generate, write
+    pa.field("reason", pa.string()),
+])
+
+
+def failure_row(concept_id: str, uri: str, stage: str, reason: str) -> dict[str, str]:
+    return {"concept_id": concept_id, "uri": uri, "stage": stage, "reason": reason}
 
 
 def retry_storage_errors(task: Any, task_run: Any, state: Any) -> bool:
@@ -31,9 +56,76 @@ def run_stamp() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
 
 
-def put_jsonl(store: ObjectStore, key: str, rows: Sequence[dict[str, Any]]) -> str:
-    """Write rows as JSON lines under `key` (a store put is all-or-nothing); returns the object's URI."""
-    store.put(key, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode())
+# ---- stores, one per thread ----------------------------------------------------------------------
+# A boto3 client costs tens of milliseconds to build and an EmbeddingStore keeps the part index it has read;
+# the task threads of a worker are reused, so each keeps its own (EmbeddingStore is one-instance-per-thread).
+
+_local = threading.local()
+
+
+def _settings() -> StorageSettings:
+    return storage_settings_from_env()  # read per call: cheap, and a test or worker may change the environment
+
+
+def store_at(uri: str) -> ObjectStore:
+    """The ObjectStore at `uri` (S3 settings from the environment), cached per thread."""
+    cache: dict[tuple[str, StorageSettings], ObjectStore] = _local.__dict__.setdefault("stores", {})
+    key = (uri, _settings())
+    if key not in cache:
+        cache[key] = open_store(uri, key[1])
+    return cache[key]
+
+
+def object_at(uri: str) -> tuple[ObjectStore, str]:
+    """(store of the containing folder, key) for the URI or path of one object, the store cached per thread."""
+    folder, name = posixpath.split(uri.rstrip("/"))
+    if not name or folder.endswith(":"):  # "s3://bucket" alone names a bucket, not an object
+        raise InputError(f"{uri!r} does not name an object inside a folder or bucket")
+    return store_at(folder or "."), name
+
+
+def embeddings_at(uri: str) -> EmbeddingStore:
+    """The EmbeddingStore at `uri`, cached per thread, so a worker reads each part's index once."""
+    cache: dict[tuple[str, StorageSettings], EmbeddingStore] = _local.__dict__.setdefault("embedding_stores", {})
+    key = (uri, _settings())
+    if key not in cache:
+        cache[key] = embedding_store(uri, key[1])
+    return cache[key]
+
+
+# ---- timings -------------------------------------------------------------------------------------
+
+class Stopwatch:
+    """Seconds spent per kind of work ("model": decoding and model calls, "io": storage), so a run can tell its
+    own orchestration overhead apart (wall time minus both)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {"model": 0.0, "io": 0.0}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def time(self, kind: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add({kind: time.perf_counter() - started})
+
+    def add(self, seconds: dict[str, float]) -> None:
+        with self._lock:
+            for kind, value in seconds.items():
+                self.seconds[kind] = self.seconds.get(kind, 0.0) + value
+
+
+# ---- run reports ---------------------------------------------------------------------------------
+
+def put_table(store: ObjectStore, key: str, rows: Sequence[dict[str, Any]], schema: pa.Schema | None = None) -> str:
+    """Write rows as one Parquet object at `key` (a store put is all-or-nothing); returns the object's URI.
+    With `schema`, an empty table still has its columns; without, the columns come from the rows."""
+    table = pa.Table.from_pylist(list(rows), schema=schema)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    store.put(key, buffer.getvalue())
     return store.uri(key)
 
 

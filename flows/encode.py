@@ -3,16 +3,18 @@
     encode_concepts("s3://bucket/concepts", "s3://bucket/embeddings", vision_model=..., global_mapper=...,
                     local_mapper=..., pretrained_model=...)
 
-The flow lists concepts (a folder, or a manifest), hashes each image and mask object, skips those already
-stored for this encoder, and hands the rest to one task per batch. A task gets concept refs, reads the
-images itself, encodes and appends one part to the store. Failures (unreadable, unusable images) become rows
-of the returned report and of `_runs/encode-<stamp>-failures.jsonl` inside the store's folder.
+The flow lists concepts (a folder, or a manifest), hashes each image and mask object (in threads: it is
+storage-bound), skips those already stored for this encoder, and hands the rest to one task per batch. A task
+gets concept refs, reads the images itself, encodes and appends one part to the store. Failures (unreadable,
+unusable images, a batch that failed even after its storage retries) become rows of the returned report and of
+the failures table `_runs/encode-<stamp>-failures.parquet` inside the store's folder; the run carries on.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +26,23 @@ from elite.encoder import load_encoder as elite_load_encoder
 from elite.errors import EliteError, Failure, InputError
 from elite.preprocessing import open_image
 from elite.sources import ConceptRef, list_concepts, read_manifest
-from elite.storage import ObjectStore, embedding_store, is_uri, open_object, open_store
+from elite.storage import ObjectStore, is_uri
 from elite.store import EmbeddingRecord
-from flows._common import RETRIES, publish_summary, put_jsonl, retry_storage_errors, run_stamp
+from flows._common import (
+    FAILURE_SCHEMA,
+    RETRIES,
+    Stopwatch,
+    embeddings_at,
+    failure_row,
+    object_at,
+    publish_summary,
+    put_table,
+    retry_storage_errors,
+    run_stamp,
+    store_at,
+)
+
+HASH_THREADS = 16  # concurrent hash requests while listing a catalog (S3 HEADs, or reads of objects without one)
 
 
 @dataclass(frozen=True)
@@ -61,7 +77,7 @@ def _build_encoder(settings: EncoderSettings) -> ConceptEncoder:
 
 def locate(store: ObjectStore, ref: str) -> tuple[ObjectStore, str]:
     """(store, key) of a ConceptRef path: a key in `store`, or an absolute URI from a manifest."""
-    return open_object(ref) if is_uri(ref) else (store, ref)
+    return object_at(ref) if is_uri(ref) else (store, ref)
 
 
 @dataclass(frozen=True)
@@ -73,27 +89,30 @@ class Hashed:
     mask_sha256: str | None
 
 
-def failure_row(concept_id: str, uri: str, stage: str, reason: str) -> dict[str, str]:
-    return {"concept_id": concept_id, "uri": uri, "stage": stage, "reason": reason}
-
-
 @task(cache_policy=NO_CACHE, retries=RETRIES, retry_condition_fn=retry_storage_errors)  # retries: storage only
 def encode_batch(concepts_uri: str, store_uri: str, settings: EncoderSettings,
                  batch: list[Hashed]) -> dict[str, Any]:
-    """Read, encode and store one batch; returns {"done": n, "failures": [rows]}."""
-    store = open_store(concepts_uri)
-    encoder = load_encoder(settings)
+    """Read, encode and store one batch; returns {"done": n, "failures": [rows], "seconds": {kind: s}}."""
+    store = store_at(concepts_uri)
+    clock = Stopwatch()
+    with clock.time("model"):
+        encoder = load_encoder(settings)
     failures: list[dict[str, str]] = []
     loaded = []
     for item in batch:
         where = _uri(store, item.ref.image)
         try:
-            image = open_image(_read(store, item.ref.image), name=where)
-            mask = open_image(_read(store, item.ref.mask), name=f"{where} mask") if item.ref.mask else None
+            with clock.time("io"):
+                image_bytes = _read(store, item.ref.image)
+                mask_bytes = _read(store, item.ref.mask) if item.ref.mask else None
+            with clock.time("model"):
+                image = open_image(image_bytes, name=where)
+                mask = None if mask_bytes is None else open_image(mask_bytes, name=_uri(store, item.ref.mask or ""))
             loaded.append((item, image, mask, where))
         except InputError as err:
             failures.append(failure_row(item.ref.concept_id, where, "read", str(err)))
-    embeddings, bad = encode_isolated(encoder, [(x[0].ref.concept_id, x[1], x[2]) for x in loaded])
+    with clock.time("model"):
+        embeddings, bad = encode_isolated(encoder, [(x[0].ref.concept_id, x[1], x[2]) for x in loaded])
     by_id = {x[0].ref.concept_id: (x[0], x[3]) for x in loaded}
     failures += [failure_row(f.item, by_id[f.item][1], f.stage, f.reason) for f in bad]
     records = []
@@ -104,8 +123,10 @@ def encode_batch(concepts_uri: str, store_uri: str, settings: EncoderSettings,
             embedding, source_uri=where, image_sha256=item.image_sha256, mask_sha256=item.mask_sha256,
             encoder_id=encoder.encoder_id, metadata=metadata))
     if records:
-        embedding_store(store_uri).append(records)
-    return {"done": len(records), "failures": failures}
+        with clock.time("io"):
+            embeddings_at(store_uri).append(records)
+    return {"done": len(records), "done_ids": [r.concept_id for r in records], "failures": failures,
+            "seconds": clock.seconds}
 
 
 def _uri(store: ObjectStore, ref: str) -> str:
@@ -118,17 +139,20 @@ def _read(store: ObjectStore, ref: str) -> bytes:
     return where.get(key)
 
 
+def _hash_one(store: ObjectStore, ref: ConceptRef) -> Hashed | dict[str, str]:
+    try:
+        image_sha = _sha256(store, ref.image)
+        mask_sha = _sha256(store, ref.mask) if ref.mask else None
+    except EliteError as err:  # a missing or unreadable object: record it, carry on
+        return failure_row(ref.concept_id, _uri(store, ref.image), "read", str(err))
+    return Hashed(ref, image_sha, mask_sha)
+
+
 def _hash_concepts(store: ObjectStore, refs: list[ConceptRef]) -> tuple[list[Hashed], list[dict[str, str]]]:
-    hashed, failures = [], []
-    for ref in refs:
-        try:
-            image_sha = _sha256(store, ref.image)
-            mask_sha = _sha256(store, ref.mask) if ref.mask else None
-        except EliteError as err:  # a missing or unreadable object: record it, carry on
-            failures.append(failure_row(ref.concept_id, _uri(store, ref.image), "read", str(err)))
-            continue
-        hashed.append(Hashed(ref, image_sha, mask_sha))
-    return hashed, failures
+    with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="elite-hash") as pool:
+        results = list(pool.map(lambda ref: _hash_one(store, ref), refs))
+    hashed = [r for r in results if isinstance(r, Hashed)]
+    return hashed, [r for r in results if not isinstance(r, Hashed)]
 
 
 def _sha256(store: ObjectStore, ref: str) -> str:
@@ -141,38 +165,57 @@ def encode_concepts(concepts_uri: str, store_uri: str, engine: str = "torch", on
                     vision_model: str | None = None, global_mapper: str | None = None,
                     local_mapper: str | None = None, pretrained_model: str | None = None,
                     manifest: str | None = None, batch_size: int = 8) -> dict[str, Any]:
-    """Encode every concept under `concepts_uri` (or listed in the `manifest` key there) into `store_uri`."""
+    """Encode every concept under `concepts_uri` (or listed in the `manifest` key there) into `store_uri`.
+
+    Returns counts, the failure rows, `concept_ids` (every listed concept now in the store for this encoder,
+    new or not), the encoder id, where the failures table is, and `seconds` spent in model calls and storage.
+    """
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
     started = time.perf_counter()
+    clock = Stopwatch()
     settings = EncoderSettings(engine, onnx_path, vision_model, global_mapper, local_mapper, pretrained_model)
-    store = open_store(concepts_uri)
+    with clock.time("model"):
+        encoder_id = load_encoder(settings).encoder_id
+    store = store_at(concepts_uri)
     failures: list[dict[str, str]] = []
-    if manifest is None:
-        refs = list_concepts(store)
-    else:
-        refs, bad_rows = read_manifest(store, manifest, strict=False)
-        failures += [_manifest_row(store, f) for f in bad_rows]
-    hashed, hash_failures = _hash_concepts(store, refs)
+    with clock.time("io"):
+        if manifest is None:
+            refs = list_concepts(store)
+        else:
+            refs, bad_rows = read_manifest(store, manifest, strict=False)
+            failures += [_manifest_row(store, f) for f in bad_rows]
+        hashed, hash_failures = _hash_concepts(store, refs)
+        stored = embeddings_at(store_uri).stored_keys()
     failures += hash_failures
-    encoder_id = load_encoder(settings).encoder_id
-    stored = embedding_store(store_uri).stored_keys()
     todo = [h for h in hashed if (h.image_sha256, h.mask_sha256, encoder_id) not in stored]
+    ready = [h.ref.concept_id for h in hashed if (h.image_sha256, h.mask_sha256, encoder_id) in stored]
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     futures = [encode_batch.submit(concepts_uri, store_uri, settings, batch) for batch in batches]
     done = 0
-    for future in futures:
-        result = future.result()
+    for batch, future in zip(batches, futures, strict=True):
+        try:
+            result = future.result()
+        except Exception as err:  # the batch failed even after its retries: its concepts are failures, not lost
+            failures += [failure_row(h.ref.concept_id, _uri(store, h.ref.image), "encode",
+                                     f"{type(err).__name__}: {err}") for h in batch]
+            continue
         done += result["done"]
+        ready += result["done_ids"]
         failures += result["failures"]
-    report: dict[str, Any] = {"done": done, "skipped": len(hashed) - len(todo), "failed": len(failures),
-                              "failures": failures, "encoder_id": encoder_id, "store_uri": store_uri}
-    report["failures_uri"] = put_jsonl(open_store(store_uri), f"_runs/encode-{run_stamp()}-failures.jsonl", failures)
+        clock.add(result["seconds"])
+    with clock.time("io"):
+        failures_uri = put_table(store_at(store_uri), f"_runs/encode-{run_stamp()}-failures.parquet", failures,
+                                 FAILURE_SCHEMA)
     seconds = time.perf_counter() - started
+    report: dict[str, Any] = {"done": done, "skipped": len(hashed) - len(todo), "failed": len(failures),
+                              "failures": failures, "concept_ids": sorted(ready), "encoder_id": encoder_id,
+                              "store_uri": store_uri, "failures_uri": failures_uri,
+                              "seconds": {**clock.seconds, "wall": seconds}}
     publish_summary("encode-concepts", "Encode concepts", {
-        "done": done, "skipped": report["skipped"], "failed": len(failures),
+        "done": done, "skipped (already stored)": report["skipped"], "failed": len(failures),
         "throughput": f"{done / seconds:.2f} concepts/s", "encoder": encoder_id},
-        {"embedding store": store_uri, "failures": report["failures_uri"]})
+        {"embedding store": store_uri, "failures": failures_uri})
     return report
 
 

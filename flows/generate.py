@@ -3,35 +3,66 @@
     generate_images("s3://bucket/embeddings", "s3://bucket/prompts.txt", "s3://bucket/images",
                     pretrained_model=..., global_mapper=..., local_mapper=..., encoder_id=...)
 
-The flow plans (concept, prompt, index, seed) items with `elite.prompts.plan_work`, drops those whose PNG
-exists, batches the rest and runs one task per batch. A task gets work items (keys, ids, seeds), reads its
-concepts' embeddings from the store, generates and puts each PNG. A results manifest of every image of the
-plan lands at `_runs/generate-<stamp>.jsonl` in the output store.
+The flow plans (concept, prompt, index, seed) items with `elite.prompts.plan_work`, drops those whose PNG exists
+(one listing per concept folder), batches the rest and fans the batches out over the worker's devices: one
+generation slot per device (`devices`, default every CUDA GPU, else the CPU), one pipeline per device, loaded
+once per process. A task gets work items (keys, ids, seeds), reads its concepts' embeddings from the store,
+generates and puts each PNG. Per run, in the output store:
+
+- `_runs/generate-<stamp>.parquet`: the results manifest, one row per image written by this run (what was asked,
+  every generation parameter, model ids and hashes, output URI, sha256, timings);
+- `_runs/generate-<stamp>-failures.parquet`: bad prompt-file lines, prompts the pipeline refuses (no
+  placeholder, too long), and items of batches that failed even after their storage retries.
+
+Tasks carry the tag `elite-gpu`: `prefect concurrency-limit create elite-gpu N` caps generation batches across
+every worker and flow run of a Prefect server (docs in infra/README.md).
 """
 
 from __future__ import annotations
 
+import datetime
 import io
+import queue
 import threading
 import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import pyarrow as pa
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 
+import elite
 from elite.errors import InputError
 from elite.fileio import sha256_bytes
 from elite.pipeline import ElitePipeline
 from elite.prompts import WorkItem, batch_work, plan_work, read_prompts
 from elite.sources import ConceptRef
-from elite.storage import embedding_store, open_object, open_store
-from flows._common import RETRIES, publish_summary, put_jsonl, retry_storage_errors, run_stamp
+from flows._common import (
+    FAILURE_SCHEMA,
+    RETRIES,
+    Stopwatch,
+    embeddings_at,
+    failure_row,
+    object_at,
+    publish_summary,
+    put_table,
+    retry_storage_errors,
+    run_stamp,
+    store_at,
+)
+
+LIST_THREADS = 16  # concurrent listings of concept folders while planning (S3 requests)
+GPU_TAG = "elite-gpu"
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Models and sampler settings; the models part is also the key of the per-process pipeline cache."""
+    """Models and sampler settings, as they go into every manifest row."""
 
     pretrained_model: str
     global_mapper: str
@@ -42,93 +73,224 @@ class GenerationSettings:
     lambda_local: float = 0.8  # paper: lambda 0.8
     height: int = 512
     width: int = 512
+    dtype: str = "auto"  # float16 on CUDA, float32 on the CPU; or float32 / float16 / bfloat16
 
 
-_PIPELINES: dict[tuple[str, str, str], ElitePipeline] = {}
-_PIPELINES_LOCK = threading.Lock()  # also serialises calls: a pipeline swaps attention processors per call
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("concept_id", pa.string()), pa.field("prompt", pa.string()), pa.field("index", pa.int64()),
+    pa.field("seed", pa.int64()), pa.field("output_key", pa.string()), pa.field("output_uri", pa.string()),
+    pa.field("sha256", pa.string()), pa.field("seconds", pa.float64()),  # generation time per image (batch / size)
+    pa.field("batch_size", pa.int64()), pa.field("device", pa.string()),
+    pa.field("pretrained_model", pa.string()), pa.field("global_mapper", pa.string()),
+    pa.field("local_mapper", pa.string()), pa.field("encoder_id", pa.string()), pa.field("steps", pa.int64()),
+    pa.field("guidance_scale", pa.float64()), pa.field("lambda_local", pa.float64()),
+    pa.field("height", pa.int64()), pa.field("width", pa.int64()), pa.field("dtype", pa.string()),
+    pa.field("scheduler", pa.string()), pa.field("unet_sha256", pa.string()),
+    pa.field("text_encoder_sha256", pa.string()), pa.field("global_mapper_sha256", pa.string()),
+    pa.field("local_mapper_sha256", pa.string()), pa.field("elite_version", pa.string()),
+    pa.field("created_at", pa.timestamp("us", tz="UTC")),
+])
 
 
-def load_pipeline(settings: GenerationSettings) -> ElitePipeline:
-    """The generation-only pipeline for `settings`' models, loaded once per process."""
-    key = (settings.pretrained_model, settings.global_mapper, settings.local_mapper)
-    if key not in _PIPELINES:
-        _PIPELINES[key] = ElitePipeline.from_pretrained(settings.pretrained_model, None, settings.global_mapper,
-                                                        settings.local_mapper)
-    return _PIPELINES[key]
+# ---- pipelines and device slots, per process --------------------------------------------------------
+
+@dataclass
+class _Loaded:
+    pipe: ElitePipeline
+    hashes: dict[str, str | None]  # model hashes for the manifest
+    dtype: str
 
 
-@task(cache_policy=NO_CACHE, retries=RETRIES, retry_condition_fn=retry_storage_errors)  # retries: storage only
-def generate_batch(store_uri: str, out_uri: str, settings: GenerationSettings,
-                   batch: list[WorkItem]) -> list[dict[str, Any]]:
-    """Generate one batch and put its PNGs; returns one results row per image."""
-    ids = sorted({item.concept_id for item in batch})
-    concepts = {c.concept_id: c for c in embedding_store(store_uri).read_embeddings(ids, settings.encoder_id)}
-    out = open_store(out_uri)
-    started = time.perf_counter()
+_PIPELINES: dict[tuple[str, str, str, str, str], _Loaded] = {}
+_PIPELINES_LOCK = threading.Lock()
+_SLOTS: dict[tuple[str, ...], queue.Queue[str]] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+def default_devices() -> list[str]:
+    """Every CUDA device of this machine, else the CPU."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [f"cuda:{n}" for n in range(count)] or ["cpu"]
+
+
+@contextmanager
+def device_slot(devices: Sequence[str]) -> Iterator[str]:
+    """Hold one of `devices` for a batch: a pipeline swaps attention processors per call, so one batch per device
+    at a time; tasks waiting here run as soon as any device frees up."""
+    key = tuple(devices)
+    with _SLOTS_LOCK:
+        if key not in _SLOTS:
+            _SLOTS[key] = queue.Queue()
+            for device in key:
+                _SLOTS[key].put(device)
+        slots = _SLOTS[key]
+    device = slots.get()
+    try:
+        yield device
+    finally:
+        slots.put(device)
+
+
+def load_pipeline(settings: GenerationSettings, device: str) -> _Loaded:
+    """The generation-only pipeline of `settings`' models on `device`, loaded once per process."""
+    import torch
+
+    from elite.encoder import state_digest
+
+    dtype = settings.dtype if settings.dtype != "auto" else ("float32" if device == "cpu" else "float16")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise InputError(f"dtype must be auto, float32, float16 or bfloat16, got {settings.dtype!r}")
+    key = (settings.pretrained_model, settings.global_mapper, settings.local_mapper, device, dtype)
     with _PIPELINES_LOCK:
-        pipe = load_pipeline(settings)
-        images = pipe([i.prompt for i in batch], [concepts[i.concept_id] for i in batch],
-                      seed=[i.seed for i in batch], lambda_local=settings.lambda_local,
-                      guidance_scale=settings.guidance_scale, num_inference_steps=settings.steps,
-                      height=settings.height, width=settings.width, show_progress=False).images
-    seconds = (time.perf_counter() - started) / len(batch)
-    rows = []
-    for item, image in zip(batch, images, strict=True):
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        data = buffer.getvalue()
-        out.put(item.output_key, data)
-        rows.append(result_row(item, settings, out.uri(item.output_key), sha256_bytes(data), seconds))
-    return rows
+        if key not in _PIPELINES:
+            pipe = ElitePipeline.from_pretrained(settings.pretrained_model, None, settings.global_mapper,
+                                                 settings.local_mapper, torch_dtype=getattr(torch, dtype),
+                                                 device=device)
+            hashes: dict[str, str | None] = {
+                "unet_sha256": state_digest(pipe.unet), "text_encoder_sha256": state_digest(pipe.text_encoder),
+                "global_mapper_sha256": state_digest(pipe.global_mapper),
+                "local_mapper_sha256": state_digest(pipe.local_mapper)}
+            _PIPELINES[key] = _Loaded(pipe, hashes, dtype)
+        return _PIPELINES[key]
 
 
-def result_row(item: WorkItem, settings: GenerationSettings, uri: str, sha256: str | None,
-               seconds: float | None) -> dict[str, Any]:
-    """One manifest row: what was asked, with which models and settings, and where the image is."""
-    return {**asdict(item), **asdict(settings), "output_uri": uri, "sha256": sha256, "seconds": seconds}
+# ---- the batch task -------------------------------------------------------------------------------
 
+@task(cache_policy=NO_CACHE, retries=RETRIES, retry_condition_fn=retry_storage_errors, tags=[GPU_TAG])
+def generate_batch(store_uri: str, out_uri: str, settings: GenerationSettings, devices: list[str],
+                   batch: list[WorkItem]) -> dict[str, Any]:
+    """Generate one batch and put its PNGs; returns {"rows": manifest rows, "failures": rows, "seconds": ...}.
+
+    A batch the pipeline refuses as a whole (one prompt too long, say) is run one item at a time, so only the
+    bad items fail.
+    """
+    clock = Stopwatch()
+    ids = sorted({item.concept_id for item in batch})
+    with clock.time("io"):
+        concepts = {c.concept_id: c for c in embeddings_at(store_uri).read_embeddings(ids, settings.encoder_id)}
+    out = store_at(out_uri)
+    rows: list[dict[str, Any]] = []
+    failures: list[dict[str, str]] = []
+    with device_slot(devices) as device:
+        with clock.time("model"):
+            loaded = load_pipeline(settings, device)
+        generating = time.perf_counter()
+        try:
+            with clock.time("model"):
+                done = [(batch, _generate(loaded.pipe, settings, batch, concepts))]
+        except InputError:  # one bad item spoils the batch: run one by one to isolate it
+            done = []
+            for item in batch:
+                try:
+                    with clock.time("model"):
+                        done.append(([item], _generate(loaded.pipe, settings, [item], concepts)))
+                except InputError as err:
+                    failures.append(failure_row(item.concept_id, out.uri(item.output_key), "generate", str(err)))
+        seconds = (time.perf_counter() - generating) / len(batch)
+    now = datetime.datetime.now(datetime.UTC)
+    for items, images in done:
+        for item, image in zip(items, images, strict=True):
+            with clock.time("model"):
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                data = buffer.getvalue()
+            with clock.time("io"):
+                out.put(item.output_key, data)
+            rows.append({**asdict(item), **asdict(settings), **loaded.hashes, "dtype": loaded.dtype,
+                         "output_uri": out.uri(item.output_key), "sha256": sha256_bytes(data), "seconds": seconds,
+                         "batch_size": len(items), "device": device, "scheduler": type(loaded.pipe.scheduler).__name__,
+                         "elite_version": elite.__version__, "created_at": now})
+    return {"rows": rows, "failures": failures, "seconds": clock.seconds}
+
+
+def _generate(pipe: ElitePipeline, settings: GenerationSettings, items: list[WorkItem],
+              concepts: dict[str, Any]) -> list[Any]:
+    return list(pipe([i.prompt for i in items], [concepts[i.concept_id] for i in items],
+                     seed=[i.seed for i in items], lambda_local=settings.lambda_local,
+                     guidance_scale=settings.guidance_scale, num_inference_steps=settings.steps,
+                     height=settings.height, width=settings.width, show_progress=False).images)
+
+
+# ---- planning -------------------------------------------------------------------------------------
 
 def _concept_refs(store_uri: str, concept_ids: list[str] | None, encoder_id: str | None) -> list[ConceptRef]:
-    """Stored concepts as refs (with their class words, for class-scoped prompts)."""
-    arrays = embedding_store(store_uri).read_arrays(concept_ids, encoder_id)
-    class_words = arrays.metadata.get("class_word", [None] * len(arrays))
-    return [ConceptRef(cid, uri, class_word=None if word is None else str(word))
-            for cid, uri, word in zip(arrays.concept_ids, arrays.source_uris, class_words, strict=True)]
+    """Stored concepts as refs (with their class words, for class-scoped prompts); reads no tensors."""
+    info = embeddings_at(store_uri).read_info(concept_ids, encoder_id)
+    words = info.column("class_word").to_pylist() if "class_word" in info.column_names else [None] * info.num_rows
+    return [ConceptRef(cid, uri, class_word=None if word is None else str(word)) for cid, uri, word in
+            zip(info.column("concept_id").to_pylist(), info.column("source_uri").to_pylist(), words, strict=True)]
+
+
+def _existing(out_uri: str, concept_ids: list[str]) -> set[str]:
+    """Keys of the images already written, one listing per concept folder."""
+    out = store_at(out_uri)
+
+    def listed(concept_id: str) -> list[str]:
+        return [info.key for info in out.list(f"{concept_id}/")]
+
+    with ThreadPoolExecutor(LIST_THREADS, thread_name_prefix="elite-list") as pool:
+        return {key for keys in pool.map(listed, concept_ids) for key in keys}
 
 
 @flow(name="generate-images", log_prints=True)
 def generate_images(store_uri: str, prompts_uri: str, out_uri: str, pretrained_model: str, global_mapper: str,
                     local_mapper: str, encoder_id: str | None = None, concept_ids: list[str] | None = None,
                     steps: int = 100, guidance_scale: float = 5.0, lambda_local: float = 0.8, height: int = 512,
-                    width: int = 512, batch_size: int = 4, base_seed: int = 0,
-                    max_concurrency: int = 1) -> dict[str, Any]:
-    """Every (stored concept, prompt, image) of the prompt file at `prompts_uri` -> a PNG under `out_uri`."""
-    if batch_size < 1 or max_concurrency < 1:
-        raise InputError(f"batch_size and max_concurrency must be at least 1, got {batch_size}, {max_concurrency}")
+                    width: int = 512, batch_size: int = 4, base_seed: int = 0, devices: list[str] | None = None,
+                    dtype: str = "auto") -> dict[str, Any]:
+    """Every (stored concept, prompt, image) of the prompt file at `prompts_uri` -> a PNG under `out_uri`.
+
+    `concept_ids`: only these stored concepts (default: all). `devices`: the generation slots of this worker,
+    e.g. ["cuda:0", "cuda:1"] (default: every CUDA GPU, else ["cpu"]); batches run on them concurrently.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}")
     started = time.perf_counter()
+    clock = Stopwatch()
+    devices = list(devices) if devices else default_devices()
     settings = GenerationSettings(pretrained_model, global_mapper, local_mapper, encoder_id, steps,
-                                  guidance_scale, lambda_local, height, width)
-    prompts_store, name = open_object(prompts_uri)
-    prompts = read_prompts(prompts_store.get(name), name)
-    plan = plan_work(_concept_refs(store_uri, concept_ids, encoder_id), prompts, base_seed)
-    out = open_store(out_uri)
-    todo = [item for item in plan if not out.exists(item.output_key)]
-    rows: dict[str, dict[str, Any]] = {}
+                                  guidance_scale, lambda_local, height, width, dtype)
+    with clock.time("io"):
+        prompts_store, name = object_at(prompts_uri)
+        prompts, bad_lines = read_prompts(prompts_store.get(name), name, strict=False)
+        refs = _concept_refs(store_uri, concept_ids, encoder_id)
+    failures = [failure_row("", f"{prompts_store.uri(name)}:{f.item.rpartition(':')[2]}", f.stage, f.reason)
+                for f in bad_lines]
+    plan = plan_work(refs, prompts, base_seed)
+    with clock.time("io"):
+        existing = _existing(out_uri, sorted({item.concept_id for item in plan}))
+    todo = [item for item in plan if item.output_key not in existing]
     batches = batch_work(todo, batch_size)
-    for start in range(0, len(batches), max_concurrency):  # at most max_concurrency batches in flight
-        futures = [generate_batch.submit(store_uri, out_uri, settings, b)
-                   for b in batches[start:start + max_concurrency]]
-        for future in futures:
-            rows.update((row["output_key"], row) for row in future.result())
-    for item in plan:  # images of earlier runs: listed too, so the manifest covers the whole plan
-        if item.output_key not in rows:
-            rows[item.output_key] = result_row(item, settings, out.uri(item.output_key),
-                                               out.sha256(item.output_key), None)
-    manifest_uri = put_jsonl(out, f"_runs/generate-{run_stamp()}.jsonl", [rows[i.output_key] for i in plan])
+    out = store_at(out_uri)
+    rows: list[dict[str, Any]] = []
+    # one thread per device: batches queue in the runner, never more in flight than there are devices
+    runner: Any  # ThreadPoolTaskRunner; its submit overloads confuse mypy about sync tasks
+    with ThreadPoolTaskRunner(max_workers=len(devices)) as runner:
+        futures = [runner.submit(generate_batch, {"store_uri": store_uri, "out_uri": out_uri, "settings": settings,
+                                                  "devices": devices, "batch": batch}) for batch in batches]
+        for batch, future in zip(batches, futures, strict=True):
+            try:
+                result = future.result()
+            except Exception as err:  # failed even after its retries: its items are failures, not lost
+                failures += [failure_row(i.concept_id, out.uri(i.output_key), "generate",
+                                         f"{type(err).__name__}: {err}") for i in batch]
+                continue
+            rows += result["rows"]
+            failures += result["failures"]
+            clock.add(result["seconds"])
+    stamp = run_stamp()
+    with clock.time("io"):
+        manifest_uri = put_table(out, f"_runs/generate-{stamp}.parquet", rows, MANIFEST_SCHEMA)
+        failures_uri = put_table(out, f"_runs/generate-{stamp}-failures.parquet", failures, FAILURE_SCHEMA)
     seconds = time.perf_counter() - started
-    new = len(todo)
+    report: dict[str, Any] = {
+        "generated": len(rows), "skipped": len(plan) - len(todo), "failed": len(failures), "planned": len(plan),
+        "failures": failures, "manifest_uri": manifest_uri, "failures_uri": failures_uri, "out_uri": out_uri,
+        "devices": devices, "seconds": {**clock.seconds, "wall": seconds}}
     publish_summary("generate-images", "Generate images", {
-        "generated": new, "skipped (already written)": len(plan) - new, "planned": len(plan),
-        "throughput": f"{new / seconds:.2f} images/s"}, {"images": out_uri, "manifest": manifest_uri})
-    return {"generated": new, "skipped": len(plan) - new, "planned": len(plan), "manifest_uri": manifest_uri,
-            "out_uri": out_uri}
+        "generated": len(rows), "skipped (already written)": report["skipped"], "failed": len(failures),
+        "planned": len(plan), "throughput": f"{len(rows) / seconds:.2f} images/s", "devices": ", ".join(devices)},
+        {"images": out_uri, "manifest": manifest_uri, "failures": failures_uri})
+    return report

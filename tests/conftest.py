@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,15 @@ def exported(torch_encoder: TorchConceptEncoder, tmp_path_factory: pytest.TempPa
     folder = tmp_path_factory.mktemp("onnx")
     return {p: export_concept_encoder(torch_encoder.module, folder / f"encoder-{p}.onnx", p)  # type: ignore[arg-type]
             for p in ("fp32", "int8", "fp16")}
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """Prefect's test harness (a temporary database and API in this process), one per session for every test
+    that runs a flow. Telemetry is off before Prefect is first imported."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
