@@ -236,29 +236,46 @@ def _write_manifest(path: Path, records: list[dict[str, object]]) -> None:
     write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from elite.concepts import find_concepts, save_embeddings
-    from elite.encoder import encode_sources
-    from elite.pipeline import ElitePipeline
-    from elite.tiny import make_tiny_models
+def cmd_personalize(args: argparse.Namespace) -> int:
+    # before Prefect is first imported: no telemetry calls (they fail noisily offline)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    try:
+        from flows.personalize import personalize_catalog
+    except ImportError as err:
+        raise InputError(f"`elite personalize` runs the Prefect flows: install them with "
+                         f"pip install -e '.[flows]' ({err})") from None
+    from elite.storage import open_store
 
-    out = Path(args.out)
-    models = make_tiny_models(out / "tiny-models")
-    pipe = ElitePipeline.from_pretrained(models.pretrained_model, models.vision_model, models.global_mapper,
-                                         models.local_mapper)
-    sources = find_concepts(args.concepts)
-    assert pipe.encoder is not None
-    embeddings, failures = encode_sources(pipe.encoder, sources)
-    for failure in failures:
-        print(f"FAILED {failure.item} ({failure.stage}): {failure.reason}", file=sys.stderr)
-    save_embeddings(out / "embeddings.safetensors", embeddings, {"vision_model": "tiny"})
-    records = generate_images(pipe, embeddings, DEFAULT_PROMPTS, str(out / "images"),
-                              images_per_prompt=1, batch_size=8, seed=0,
-                              num_inference_steps=args.steps, height=args.size, width=args.size)
-    _write_manifest(out / "images" / "manifest.jsonl", records)
-    print(f"demo: encoded {len(embeddings)} of {len(sources)} concepts, wrote {len(records)} images to "
-          f"{out / 'images'} (tiny random models: the images are noise-like by design)")
-    return 1 if failures else 0
+    models = {"pretrained_model": args.pretrained_model, "vision_model": args.vision_model,
+              "global_mapper": args.global_mapper, "local_mapper": args.local_mapper}
+    steps, height, width = args.steps, args.height, args.width
+    if args.tiny:
+        from elite.tiny import make_tiny_models
+
+        tiny = make_tiny_models(args.tiny_dir)  # seeded: the same weights, hence the same encoder id, every run
+        models = {name: str(getattr(tiny, name)) for name in models}
+        steps, height, width = steps or 4, height or 64, width or 64
+    prompts = args.prompts
+    if prompts is None:  # the default prompts, as a prompt file next to the outputs
+        out = open_store(args.out)
+        out.put("prompts.txt", "".join(f"{p}\n" for p in DEFAULT_PROMPTS).encode())
+        prompts = out.uri("prompts.txt")
+    report = personalize_catalog(
+        args.concepts, prompts, args.out, store_uri=args.store, manifest=args.manifest, engine=args.engine,
+        onnx_path=args.onnx, steps=steps or 100, height=height or 512, width=width or 512,
+        guidance_scale=args.guidance_scale, lambda_local=args.lambda_local, encode_batch_size=args.encode_batch_size,
+        generate_batch_size=args.batch_size, base_seed=args.seed,
+        devices=args.devices.split(",") if args.devices else None, dtype=args.dtype or "auto", **models)
+    for failure in report["failures"]:
+        print(f"FAILED {failure['concept_id'] or '-'} ({failure['stage']}) {failure['uri']}: {failure['reason']}",
+              file=sys.stderr)
+    print(f"personalize: {report['encoded']} concepts encoded ({report['encode_skipped']} already stored), "
+          f"{report['generated']} images generated ({report['generate_skipped']} already there), "
+          f"{report['failed']} failed\n  images: {report['images_uri']}\n  manifest: {report['manifest_uri']}\n"
+          f"  failures: {report['failures_uri']}" + ("\n  (tiny random models: the images are noise-like by design)"
+                                                     if args.tiny else ""))
+    return 1 if report["failed"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,12 +344,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, vision=False, sd=True)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="offline demo: tiny models, encode the concepts, generate 2 prompts each")
-    p.add_argument("--concepts", default="../shared/data/elite-test-concepts", help="folder of concept images")
-    p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--size", type=int, default=64)
-    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("personalize", help="the catalog job: encode new concepts, generate missing images (Prefect)",
+                       description="Run the personalize_catalog Prefect flow: encode the concepts of a folder or "
+                                   "manifest that are not stored yet, then generate every image of the prompt file "
+                                   "that is missing, under OUT/images, with the embedding store in OUT/embeddings. "
+                                   "Folders and s3:// URIs both work. Without PREFECT_API_URL, Prefect runs in "
+                                   "ephemeral mode (no server). Exit status 1 when anything failed.")
+    p.add_argument("--concepts", required=True, help="folder or s3:// prefix of concept images (N.jpg + N_bg.png)")
+    p.add_argument("--manifest", help="a CSV/JSONL manifest key inside --concepts instead of the folder listing")
+    p.add_argument("--prompts", help="prompt file (.txt, .jsonl or .csv; see docs/inputs.md); default: 2 prompts")
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--store", help="embedding store location (default: OUT/embeddings)")
+    p.add_argument("--tiny", action="store_true", help="offline: tiny random models (written to --tiny-dir)")
+    p.add_argument("--tiny-dir", default="outputs/tiny-models", help="where --tiny writes its models")
+    p.add_argument("--engine", choices=("torch", "onnx"), default="torch")
+    p.add_argument("--onnx", default=os.environ.get("ELITE_ONNX_ENCODER"),
+                   help="ONNX encoder file for --engine onnx [$ELITE_ONNX_ENCODER]")
+    p.add_argument("--steps", type=int, help="denoising steps (default 100, the reference; 4 with --tiny)")
+    p.add_argument("--height", type=int, help="default 512 (64 with --tiny)")
+    p.add_argument("--width", type=int, help="default 512 (64 with --tiny)")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="reference: 5")
+    p.add_argument("--lambda-local", type=float, default=0.8, help="weight of the local branch (reference: 0.8)")
+    p.add_argument("--seed", type=int, default=0, help="base of the per-image seeds")
+    p.add_argument("--batch-size", type=int, default=4, help="images per generation task")
+    p.add_argument("--encode-batch-size", type=int, default=8, help="concepts per encoding task")
+    p.add_argument("--devices", help="generation slots, e.g. cuda:0,cuda:1 (default: every GPU, else cpu)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="weights dtype (default: float16 on CUDA, float32 on CPU)")
+    _add_model_args(p, vision=True, sd=True, runtime=False)
+    p.set_defaults(func=cmd_personalize)
     return parser
 
 

@@ -14,8 +14,6 @@ import torch
 from elite.checkpoints import save_safetensors
 from elite.errors import InputError, StorageError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-MASK_SUFFIX = "_bg.png"  # the release's mask naming
 EMBEDDINGS_FORMAT = "elite-embeddings"
 EMBEDDINGS_VERSION = "1"
 
@@ -42,21 +40,16 @@ class ConceptSource:
 
 
 def find_concepts(folder: str | os.PathLike[str]) -> list[ConceptSource]:
-    """Concepts of a folder: every image not ending in `_bg.png`, with `<name>_bg.png` as its mask if present."""
+    """Concepts of a local folder as paths, by the convention of `elite.sources.list_concepts` (which serves
+    any store): every image not ending in `_bg.png`, with `<name>_bg.png` as its mask if present."""
+    from elite.sources import list_concepts  # elite.sources imports boto3 (via elite.storage): only when used
+    from elite.storage import LocalStore
+
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
-    sources: list[ConceptSource] = []
-    for path in sorted(root.iterdir(), key=lambda p: p.name):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.lower().endswith(MASK_SUFFIX):
-            continue
-        mask = path.with_name(path.stem + MASK_SUFFIX)
-        twin = next((s for s in sources if s.concept_id == path.stem), None)
-        if twin is not None:  # one id, two images: which one is the concept is the user's call
-            raise InputError(f"{root}: concept id {path.stem!r} is given by both {twin.image.name} and "
-                             f"{path.name}; rename or remove one")
-        sources.append(ConceptSource(path.stem, path, mask if mask.is_file() else None))
-    return sources
+    return [ConceptSource(ref.concept_id, root / ref.image, None if ref.mask is None else root / ref.mask)
+            for ref in list_concepts(LocalStore(root))]
 
 
 def save_embeddings(path: str | os.PathLike[str], concepts: list[ConceptEmbedding],

@@ -22,7 +22,7 @@ from elite.storage import ObjectStore, check_key, is_uri
 
 __all__ = ["ConceptRef", "MetadataValue", "list_concepts", "read_manifest"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # as elite.concepts.find_concepts
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MASK_SUFFIX = "_bg.png"  # the release's mask naming
 MANIFEST_COLUMNS = ("concept_id", "image", "mask", "class_word")
 

@@ -99,14 +99,35 @@ def test_onnx_engine_into_the_store_is_incremental(tiny_models: TinyModels, expo
     assert "encoder" in capsys.readouterr().err  # two encoders stored: the choice must be explicit
 
 
-def test_demo_runs_offline(concepts_dir: Path, tmp_path: Path) -> None:
-    assert main(["demo", "--concepts", str(concepts_dir), "--out", str(tmp_path / "demo"), "--steps", "2"]) == 0
-    pngs = list((tmp_path / "demo" / "images").rglob("*.png"))
-    assert len(pngs) == 2 * len(find_concepts(concepts_dir))
+def test_personalize_command_runs_the_catalog_job_offline(prefect_harness: None, concepts_dir: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's main command, on a copy of 3 shared concepts plus one corrupt image."""
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    for name in ("1", "7"):
+        shutil.copy(concepts_dir / f"{name}.jpg", catalog)
+        shutil.copy(concepts_dir / f"{name}_bg.png", catalog)
+    (catalog / "bad.jpg").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    command = ["personalize", "--concepts", str(catalog), "--out", str(out), "--tiny", "--tiny-dir",
+               str(tmp_path / "tiny"), "--steps", "2"]
+    assert main(command) == 1  # the corrupt image is a failure; the rest is done
+    printed = capsys.readouterr()
+    assert "FAILED bad (read)" in printed.err and "not an image" in printed.err
+    assert "2 concepts encoded" in printed.out and "4 images generated" in printed.out
+    pngs = sorted(p.relative_to(out / "images").parts[0] for p in (out / "images").rglob("*.png"))
+    assert pngs == ["1", "1", "7", "7"]  # 2 default prompts each
+    for png in (out / "images").rglob("*.png"):
+        with Image.open(png) as image:
+            assert image.size == (64, 64)
+    (catalog / "bad.jpg").unlink()
+    assert main(command) == 0  # fixed: nothing left to do, nothing failed
+    assert "0 concepts encoded (2 already stored), 0 images generated (4 already there), 0 failed" in \
+        capsys.readouterr().out
 
 
 def test_help_is_there(capsys: pytest.CaptureFixture[str]) -> None:
-    for command in ("encode", "generate", "convert-checkpoint", "demo", "make-tiny-models"):
+    for command in ("encode", "generate", "convert-checkpoint", "personalize", "make-tiny-models"):
         with pytest.raises(SystemExit) as info:
             main([command, "--help"])
         assert info.value.code == 0
@@ -134,5 +155,5 @@ def test_two_images_for_one_concept_id_are_refused(tmp_path: Path) -> None:
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
-    with pytest.raises(InputError, match=r"concept id 'a' is given by both a\.jpg and a\.png"):
+    with pytest.raises(InputError, match=r"concept 'a' has two images: .*a\.jpg and .*a\.png"):
         find_concepts(tmp_path)

@@ -295,6 +295,28 @@ def test_concurrent_writers_do_not_clobber_each_other(tmp_path: Path) -> None:
     assert len(EmbeddingStore(tmp_path).read_arrays()) == 40
 
 
+def test_read_info_gives_the_rows_without_tensors(tmp_path: Path) -> None:
+    store = EmbeddingStore(tmp_path, row_group_rows=2)
+    store.append([make_record(1, class_word="cat", sku=17), make_record(2, class_word=None)])
+    store.append([make_record(3, color="red", sku=18)])
+    changed = make_record(1, seed=99, class_word="dog")  # concept-001 again, from other image bytes: newest wins
+    store.append([EmbeddingRecord(changed.concept_id, changed.source_uri, "c" * 64, None, "enc-a", changed.words,
+                                  changed.local_tokens, changed.mask_grid, {"class_word": "dog"})])
+    info = store.read_info()
+    assert info.column("concept_id").to_pylist() == ["concept-001", "concept-002", "concept-003"]
+    assert not set(info.column_names) & {"words", "local_tokens", "mask_grid"}
+    assert info.column("class_word").to_pylist() == ["dog", None, None]
+    assert info.column("sku").to_pylist() == [None, None, 18]
+    assert info.column("image_sha256").to_pylist()[0] == "c" * 64
+    asked = store.read_info(["concept-003", "concept-001"])
+    assert asked.column("concept_id").to_pylist() == ["concept-003", "concept-001"]  # in the order asked
+    assert asked.column("source_uri").to_pylist() == store.read_arrays(["concept-003", "concept-001"]).source_uris
+    assert store.read_info([]).num_rows == 0
+    with pytest.raises(InputError, match="'concept-404' is not in the embedding store"):
+        store.read_info(["concept-404"])
+    assert EmbeddingStore(tmp_path / "empty").read_info().num_rows == 0
+
+
 def test_newest_row_wins_and_mixed_encoders_need_an_encoder_id(tmp_path: Path) -> None:
     store = EmbeddingStore(tmp_path)
     old = make_record(1)
