@@ -259,6 +259,10 @@ def generate_images(store_uri: str, prompts_uri: str, out_uri: str, pretrained_m
     failures = [failure_row("", f"{prompts_store.uri(name)}:{f.item.rpartition(':')[2]}", f.stage, f.reason)
                 for f in bad_lines]
     plan = plan_work(refs, prompts, base_seed)
+    used = {item.prompt for item in plan}
+    for spec in prompts:
+        if spec.template not in used and (spec.concept_id or spec.class_word):  # a typo in an id or class?
+            print(f"warning: prompt {spec.template!r} ({spec.scope}) applies to none of the {len(refs)} concepts")
     with clock.time("io"):
         existing = _existing(out_uri, sorted({item.concept_id for item in plan}))
     todo = [item for item in plan if item.output_key not in existing]
