@@ -4,10 +4,10 @@
                     pretrained_model=..., global_mapper=..., local_mapper=..., encoder_id=...)
 
 The flow plans (concept, prompt, index, seed) items with `elite.prompts.plan_work`, drops those whose PNG exists
-(one listing per concept folder), batches the rest and fans the batches out over the worker's devices: one
-generation slot per device (`devices`, default every CUDA GPU, else the CPU), one pipeline per device, loaded
-once per process. A task gets work items (keys, ids, seeds), reads its concepts' embeddings from the store,
-generates and puts each PNG. Per run, in the output store:
+(one listing per concept folder), batches the rest and fans the batches out over the worker's generation slots:
+`devices`, default every CUDA GPU, else the CPU; a device named twice is two slots. Each slot has its own
+pipeline, loaded once per process. A task gets work items (keys, ids, seeds), reads its concepts' embeddings
+from the store, generates and puts each PNG. Per run, in the output store:
 
 - `_runs/generate-<stamp>.parquet`: the results manifest, one row per image written by this run (what was asked,
   every generation parameter, model ids and hashes, output URI, sha256, timings);
@@ -80,7 +80,7 @@ MANIFEST_SCHEMA = pa.schema([
     pa.field("concept_id", pa.string()), pa.field("prompt", pa.string()), pa.field("index", pa.int64()),
     pa.field("seed", pa.int64()), pa.field("output_key", pa.string()), pa.field("output_uri", pa.string()),
     pa.field("sha256", pa.string()), pa.field("seconds", pa.float64()),  # generation time per image (batch / size)
-    pa.field("batch_size", pa.int64()), pa.field("device", pa.string()),
+    pa.field("batch_size", pa.int64()), pa.field("device", pa.string()), pa.field("slot", pa.int64()),
     pa.field("pretrained_model", pa.string()), pa.field("global_mapper", pa.string()),
     pa.field("local_mapper", pa.string()), pa.field("encoder_id", pa.string()), pa.field("steps", pa.int64()),
     pa.field("guidance_scale", pa.float64()), pa.field("lambda_local", pa.float64()),
@@ -101,9 +101,9 @@ class _Loaded:
     dtype: str
 
 
-_PIPELINES: dict[tuple[str, str, str, str, str], _Loaded] = {}
+_PIPELINES: dict[tuple[str, str, str, str, str, int], _Loaded] = {}
 _PIPELINES_LOCK = threading.Lock()
-_SLOTS: dict[tuple[str, ...], queue.Queue[str]] = {}
+_SLOTS: dict[tuple[str, ...], queue.Queue[int]] = {}
 _SLOTS_LOCK = threading.Lock()
 
 
@@ -116,25 +116,25 @@ def default_devices() -> list[str]:
 
 
 @contextmanager
-def device_slot(devices: Sequence[str]) -> Iterator[str]:
-    """Hold one of `devices` for a batch: a pipeline swaps attention processors per call, so one batch per device
-    at a time; tasks waiting here run as soon as any device frees up."""
+def device_slot(devices: Sequence[str]) -> Iterator[int]:
+    """Hold one slot (an index into `devices`) for a batch: a pipeline swaps attention processors per call, so
+    one batch per slot at a time; tasks waiting here run as soon as any slot frees up."""
     key = tuple(devices)
     with _SLOTS_LOCK:
         if key not in _SLOTS:
             _SLOTS[key] = queue.Queue()
-            for device in key:
-                _SLOTS[key].put(device)
+            for slot in range(len(key)):
+                _SLOTS[key].put(slot)
         slots = _SLOTS[key]
-    device = slots.get()
+    slot = slots.get()
     try:
-        yield device
+        yield slot
     finally:
-        slots.put(device)
+        slots.put(slot)
 
 
-def load_pipeline(settings: GenerationSettings, device: str) -> _Loaded:
-    """The generation-only pipeline of `settings`' models on `device`, loaded once per process."""
+def load_pipeline(settings: GenerationSettings, device: str, slot: int = 0) -> _Loaded:
+    """The generation-only pipeline of `settings`' models for one slot on `device`, loaded once per process."""
     import torch
 
     from elite.encoder import state_digest
@@ -142,7 +142,7 @@ def load_pipeline(settings: GenerationSettings, device: str) -> _Loaded:
     dtype = settings.dtype if settings.dtype != "auto" else ("float32" if device == "cpu" else "float16")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise InputError(f"dtype must be auto, float32, float16 or bfloat16, got {settings.dtype!r}")
-    key = (settings.pretrained_model, settings.global_mapper, settings.local_mapper, device, dtype)
+    key = (settings.pretrained_model, settings.global_mapper, settings.local_mapper, device, dtype, slot)
     with _PIPELINES_LOCK:
         if key not in _PIPELINES:
             pipe = ElitePipeline.from_pretrained(settings.pretrained_model, None, settings.global_mapper,
@@ -173,9 +173,10 @@ def generate_batch(store_uri: str, out_uri: str, settings: GenerationSettings, d
     out = store_at(out_uri)
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, str]] = []
-    with device_slot(devices) as device:
+    with device_slot(devices) as slot:
+        device = devices[slot]
         with clock.time("model"):
-            loaded = load_pipeline(settings, device)
+            loaded = load_pipeline(settings, device, slot)
         generating = time.perf_counter()
         try:
             with clock.time("model"):
@@ -200,8 +201,8 @@ def generate_batch(store_uri: str, out_uri: str, settings: GenerationSettings, d
                 out.put(item.output_key, data)
             rows.append({**asdict(item), **asdict(settings), **loaded.hashes, "dtype": loaded.dtype,
                          "output_uri": out.uri(item.output_key), "sha256": sha256_bytes(data), "seconds": seconds,
-                         "batch_size": len(items), "device": device, "scheduler": type(loaded.pipe.scheduler).__name__,
-                         "elite_version": elite.__version__, "created_at": now})
+                         "batch_size": len(items), "device": device, "slot": slot, "created_at": now,
+                         "scheduler": type(loaded.pipe.scheduler).__name__, "elite_version": elite.__version__})
     return {"rows": rows, "failures": failures, "seconds": clock.seconds}
 
 
@@ -269,7 +270,7 @@ def generate_images(store_uri: str, prompts_uri: str, out_uri: str, pretrained_m
     batches = batch_work(todo, batch_size)
     out = store_at(out_uri)
     rows: list[dict[str, Any]] = []
-    # one thread per device: batches queue in the runner, never more in flight than there are devices
+    # one thread per slot: batches queue in the runner, never more in flight than there are slots
     runner: Any  # ThreadPoolTaskRunner; its submit overloads confuse mypy about sync tasks
     with ThreadPoolTaskRunner(max_workers=len(devices)) as runner:
         futures = [runner.submit(generate_batch, {"store_uri": store_uri, "out_uri": out_uri, "settings": settings,

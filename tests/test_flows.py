@@ -168,3 +168,28 @@ def test_s3_outage_mid_run_then_rerun_completes(prefect_harness: None, tiny_mode
                                                                    if k not in written)
     assert all(images["images/" + row["output_key"]] == row["sha256"] for row in manifest)
     assert len(embedding_store(rerun["store_uri"]).stored_keys()) == len(FIRST + ADDED)
+
+
+def test_generation_fans_out_over_slots_without_changing_images(prefect_harness: None, tiny_models: TinyModels,
+                                                                concepts_dir: Path, tmp_path: Path) -> None:
+    from flows.encode import encode_concepts
+    from flows.generate import generate_images
+
+    catalog = open_store(tmp_path / "catalog")
+    _upload(catalog, concepts_dir, ("1", "7", "10"))
+    models = _models(tiny_models)
+    store = str(tmp_path / "embeddings")
+    encoded = encode_concepts(str(tmp_path / "catalog"), store, **models)
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a photo of a S", "images": 2}\n'
+                                            '{"prompt": "a S in the snow", "concept_id": "7"}\n')
+    outputs = {}
+    for slots in (["cpu"], ["cpu", "cpu"]):  # a device named twice: two pipelines, two batches at once
+        out = tmp_path / f"images-{len(slots)}"
+        run = generate_images(store, str(tmp_path / "prompts.jsonl"), str(out), models["pretrained_model"],
+                              models["global_mapper"], models["local_mapper"], encoder_id=encoded["encoder_id"],
+                              steps=2, height=64, width=64, batch_size=1, devices=slots)
+        assert (run["generated"], run["failed"], run["devices"]) == (7, 0, slots)
+        manifest = pq.read_table(run["manifest_uri"].removeprefix("file://")).to_pylist()
+        assert {row["slot"] for row in manifest} == set(range(len(slots)))
+        outputs[len(slots)] = {row["output_key"]: row["sha256"] for row in manifest}
+    assert outputs[1] == outputs[2]  # every image is the same whichever slot made it, and in whatever order
