@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,14 +39,15 @@ def open_image(source: str | os.PathLike[str] | bytes, name: str | None = None) 
     if isinstance(source, bytes) and not source:
         raise InputError(f"{label}: empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # damaged EXIF or TIFF tags: PIL skips them, as do we
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            handle = io.BytesIO(source) if isinstance(source, bytes) else Path(source).open("rb")
-            with handle, Image.open(handle, formats=FORMATS) as image:
-                _check_pixels(image.size)  # the filter above is process-wide: another thread may reset it
-                image.load()
-                oriented = ImageOps.exif_transpose(image)
+        handle = io.BytesIO(source) if isinstance(source, bytes) else Path(source).open("rb")
+        with handle:
+            with _pil_warnings():  # reads the header only
+                image = Image.open(handle, formats=FORMATS)
+            with image:
+                _check_pixels(image.size)  # before any pixel is decoded
+                image.load()  # the decoding, outside the lock: threads decode in parallel
+                with _pil_warnings():
+                    oriented = ImageOps.exif_transpose(image)
                 return oriented if oriented is not image else image.copy()
     except FileNotFoundError as err:
         raise InputError(f"{label}: no such file") from err
@@ -53,6 +57,20 @@ def open_image(source: str | os.PathLike[str] | bytes, name: str | None = None) 
         raise InputError(f"{label}: not an image PIL can read as {', '.join(FORMATS)}") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise InputError(f"{label}: corrupt or truncated image: {err}") from err
+
+
+_WARNINGS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _pil_warnings() -> Iterator[None]:
+    """PIL's warnings as we want them: damaged EXIF or TIFF tags skipped silently (PIL skips the tags, as do we),
+    a decompression bomb an error. Warning filters are process-wide and `catch_warnings` is not thread-safe,
+    so the flows' threads take turns here (header parsing and EXIF only, both fast)."""
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
 
 
 def _check_pixels(size: tuple[int, int]) -> None:
