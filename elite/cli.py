@@ -267,6 +267,9 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale, lambda_local=args.lambda_local, encode_batch_size=args.encode_batch_size,
         generate_batch_size=args.batch_size, base_seed=args.seed,
         devices=args.devices.split(",") if args.devices else None, dtype=args.dtype or "auto", **models)
+    if report["concepts"] == 0 and not report["failures"]:
+        print(f"elite: error: no concepts found in {args.concepts}", file=sys.stderr)
+        return 1
     for failure in report["failures"]:
         print(f"FAILED {failure['concept_id'] or '-'} ({failure['stage']}) {failure['uri']}: {failure['reason']}",
               file=sys.stderr)

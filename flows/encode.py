@@ -26,7 +26,7 @@ from elite.encoder import load_encoder as elite_load_encoder
 from elite.errors import EliteError, Failure, InputError
 from elite.preprocessing import open_image
 from elite.sources import ConceptRef, list_concepts, read_manifest
-from elite.storage import ObjectStore, is_uri
+from elite.storage import LocalStore, ObjectStore, is_uri
 from elite.store import EmbeddingRecord
 from flows._common import (
     FAILURE_SCHEMA,
@@ -182,6 +182,11 @@ def encode_concepts(concepts_uri: str, store_uri: str, engine: str = "torch", on
     with clock.time("io"):
         if manifest is None:
             refs = list_concepts(store)
+            if not refs:
+                if isinstance(store, LocalStore) and not store.root.is_dir():
+                    raise InputError(f"{concepts_uri}: no such folder")
+                print(f"warning: no concept images (<name>.jpg/.jpeg/.png/.webp) directly under {store.uri()}; "
+                      "sub-folders are not listed (use a manifest for nested catalogs)")
         else:
             refs, bad_rows = read_manifest(store, manifest, strict=False)
             failures += [_manifest_row(store, f) for f in bad_rows]

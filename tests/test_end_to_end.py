@@ -124,6 +124,12 @@ def test_personalize_command_runs_the_catalog_job_offline(prefect_harness: None,
     assert main(command) == 0  # fixed: nothing left to do, nothing failed
     assert "0 concepts encoded (2 already stored), 0 images generated (4 already there), 0 failed" in \
         capsys.readouterr().out
+    # a mistyped folder is an error, an empty one says so
+    assert main([*command[:2], str(tmp_path / "no-such-folder"), *command[3:]]) == 1
+    assert "no-such-folder: no such folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([*command[:2], str(tmp_path / "empty"), *command[3:]]) == 1
+    assert "no concepts found in" in capsys.readouterr().err
 
 
 def test_help_is_there(capsys: pytest.CaptureFixture[str]) -> None:
