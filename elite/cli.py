@@ -241,7 +241,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     try:
-        from flows.personalize import personalize_catalog
+        from flows.personalize import personalize_catalog, resolve_models
     except ImportError as err:
         raise InputError(f"`elite personalize` runs the Prefect flows: install them with "
                          f"pip install -e '.[flows]' ({err})") from None
@@ -256,6 +256,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         tiny = make_tiny_models(args.tiny_dir)  # seeded: the same weights, hence the same encoder id, every run
         models = {name: str(getattr(tiny, name)) for name in models}
         steps, height, width = steps or 4, height or 64, width or 64
+    resolve_models(args.engine, onnx_path=args.onnx, **models)  # a missing model: one line, before Prefect starts
     prompts = args.prompts
     if prompts is None:  # the default prompts, as a prompt file next to the outputs
         out = open_store(args.out)

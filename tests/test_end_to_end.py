@@ -163,3 +163,13 @@ def test_two_images_for_one_concept_id_are_refused(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     with pytest.raises(InputError, match=r"concept 'a' has two images: .*a\.jpg and .*a\.png"):
         find_concepts(tmp_path)
+
+
+def test_personalize_names_missing_models_before_starting(concepts_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("PRETRAINED_MODEL", "VISION_MODEL", "GLOBAL_MAPPER", "LOCAL_MAPPER"):
+        monkeypatch.delenv(f"ELITE_{name}", raising=False)
+    assert main(["personalize", "--concepts", str(concepts_dir), "--out", str(tmp_path / "out")]) == 1
+    assert "needs pretrained_model (or $ELITE_PRETRAINED_MODEL)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written, no flow run started
