@@ -20,6 +20,7 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from elite.encoder import ConceptEncoder, encode_isolated
 from elite.encoder import load_encoder as elite_load_encoder
@@ -164,14 +165,16 @@ def _sha256(store: ObjectStore, ref: str) -> str:
 def encode_concepts(concepts_uri: str, store_uri: str, engine: str = "torch", onnx_path: str | None = None,
                     vision_model: str | None = None, global_mapper: str | None = None,
                     local_mapper: str | None = None, pretrained_model: str | None = None,
-                    manifest: str | None = None, batch_size: int = 8) -> dict[str, Any]:
+                    manifest: str | None = None, batch_size: int = 8, concurrency: int = 2) -> dict[str, Any]:
     """Encode every concept under `concepts_uri` (or listed in the `manifest` key there) into `store_uri`.
 
-    Returns counts, the failure rows, `concept_ids` (every listed concept now in the store for this encoder,
-    new or not), the encoder id, where the failures table is, and `seconds` spent in model calls and storage.
+    `concurrency` batches run at once (threads sharing one encoder: torch and ONNX Runtime release the GIL, so
+    one batch's reads overlap another's encoding). Returns counts, the failure rows, `concept_ids` (every listed
+    concept now in the store for this encoder, new or not), the encoder id, where the failures table is, and
+    `seconds` spent in model calls and storage.
     """
-    if batch_size < 1:
-        raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    if batch_size < 1 or concurrency < 1:
+        raise InputError(f"batch_size and concurrency must be at least 1, got {batch_size}, {concurrency}")
     started = time.perf_counter()
     clock = Stopwatch()
     settings = EncoderSettings(engine, onnx_path, vision_model, global_mapper, local_mapper, pretrained_model)
@@ -196,19 +199,24 @@ def encode_concepts(concepts_uri: str, store_uri: str, engine: str = "torch", on
     todo = [h for h in hashed if (h.image_sha256, h.mask_sha256, encoder_id) not in stored]
     ready = [h.ref.concept_id for h in hashed if (h.image_sha256, h.mask_sha256, encoder_id) in stored]
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    futures = [encode_batch.submit(concepts_uri, store_uri, settings, batch) for batch in batches]
     done = 0
-    for batch, future in zip(batches, futures, strict=True):
-        try:
-            result = future.result()
-        except Exception as err:  # the batch failed even after its retries: its concepts are failures, not lost
-            failures += [failure_row(h.ref.concept_id, _uri(store, h.ref.image), "encode",
-                                     f"{type(err).__name__}: {err}") for h in batch]
-            continue
-        done += result["done"]
-        ready += result["done_ids"]
-        failures += result["failures"]
-        clock.add(result["seconds"])
+    # `concurrency` batches in flight (Prefect's default runner would start a thread per batch: 1,000 concepts
+    # meant 125 batches decoding and encoding at once, and 6 GB of memory); the rest queue in the runner
+    runner: Any  # ThreadPoolTaskRunner; its submit overloads confuse mypy about sync tasks
+    with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
+        futures = [runner.submit(encode_batch, {"concepts_uri": concepts_uri, "store_uri": store_uri,
+                                                "settings": settings, "batch": batch}) for batch in batches]
+        for batch, future in zip(batches, futures, strict=True):
+            try:
+                result = future.result()
+            except Exception as err:  # failed even after its retries: its concepts are failures, not lost
+                failures += [failure_row(h.ref.concept_id, _uri(store, h.ref.image), "encode",
+                                         f"{type(err).__name__}: {err}") for h in batch]
+                continue
+            done += result["done"]
+            ready += result["done_ids"]
+            failures += result["failures"]
+            clock.add(result["seconds"])
     with clock.time("io"):
         failures_uri = put_table(store_at(store_uri), f"_runs/encode-{run_stamp()}-failures.parquet", failures,
                                  FAILURE_SCHEMA)

@@ -54,7 +54,8 @@ def personalize_catalog(concepts_uri: str, prompts_uri: str, out_uri: str, store
                         vision_model: str | None = None, global_mapper: str | None = None,
                         local_mapper: str | None = None, engine: str = "torch", onnx_path: str | None = None,
                         steps: int = 100, guidance_scale: float = 5.0, lambda_local: float = 0.8, height: int = 512,
-                        width: int = 512, encode_batch_size: int = 8, generate_batch_size: int = 4,
+                        width: int = 512, encode_batch_size: int = 8, encode_concurrency: int = 2,
+                        generate_batch_size: int = 4,
                         base_seed: int = 0, devices: list[str] | None = None, dtype: str = "auto") -> dict[str, Any]:
     """Encode the new concepts of `concepts_uri` (a folder, or the `manifest` key in it), then generate every
     image of the prompt file at `prompts_uri` that the catalog's concepts lack, under `out_uri`/images."""
@@ -66,7 +67,7 @@ def personalize_catalog(concepts_uri: str, prompts_uri: str, out_uri: str, store
     encoded = encode_concepts(concepts_uri, store_uri, engine=engine, onnx_path=models["onnx_path"],
                               vision_model=models["vision_model"], global_mapper=models["global_mapper"],
                               local_mapper=models["local_mapper"], pretrained_model=models["pretrained_model"],
-                              manifest=manifest, batch_size=encode_batch_size)
+                              manifest=manifest, batch_size=encode_batch_size, concurrency=encode_concurrency)
     generated = generate_images(store_uri, prompts_uri, images_uri, str(models["pretrained_model"]),
                                 str(models["global_mapper"]), str(models["local_mapper"]),
                                 encoder_id=encoded["encoder_id"], concept_ids=encoded["concept_ids"], steps=steps,
