@@ -228,15 +228,16 @@ class LocalStore:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).absolute()
+        self._real_root = self.root.resolve()  # once: resolving is a syscall per path component
 
     def uri(self, key: str = "") -> str:
-        return (self._path(key) if key else self.root).as_uri()
+        return (self.root / check_key(key) if key else self.root).as_uri()  # names only: no link check needed
 
     def _path(self, key: str) -> Path:
         path = self.root / check_key(key)
         # a symlink inside the root could still lead out of it; resolve() follows links (strict=False: the
         # file need not exist yet)
-        if not path.resolve().is_relative_to(self.root.resolve()):
+        if not path.resolve().is_relative_to(self._real_root):
             raise InputError(f"object key {key!r} leads out of {self.root} through a symbolic link")
         return path
 

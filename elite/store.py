@@ -273,6 +273,7 @@ class EmbeddingStore:
         self.row_group_rows = row_group_rows
         self._parts: dict[str, _Part] = {}
         self._keys: set[StoreKey] = set()
+        self._index_cache: tuple[tuple[str, ...], pa.Table] | None = None  # (part names, their joined key columns)
 
     # ---- writing ---------------------------------------------------------------------------
 
@@ -453,14 +454,17 @@ class EmbeddingStore:
     def _index(self, encoder_id: str | None, parts: list[_Part] | None = None) -> pa.Table:
         """The key columns of every stored row, with `_part` (position in `parts`) and `_row` (row in its part)."""
         parts = self._refresh() if parts is None else parts
-        tables = [part.keys.append_column("_part", pa.array(np.full(part.keys.num_rows, n, np.int64)))
-                  .append_column("_row", pa.array(np.arange(part.keys.num_rows, dtype=np.int64)))
-                  for n, part in enumerate(parts)]
-        if not tables:
-            empty = pa.schema([CORE_SCHEMA.field(c) for c in INDEX_COLUMNS])
-            tables = [empty.empty_table().append_column("_part", pa.array([], pa.int64()))
-                      .append_column("_row", pa.array([], pa.int64()))]
-        index = pa.concat_tables(tables)
+        names = tuple(part.name for part in parts)
+        if self._index_cache is None or self._index_cache[0] != names:  # rebuilt only when the parts changed
+            tables = [part.keys.append_column("_part", pa.array(np.full(part.keys.num_rows, n, np.int64)))
+                      .append_column("_row", pa.array(np.arange(part.keys.num_rows, dtype=np.int64)))
+                      for n, part in enumerate(parts)]
+            if not tables:
+                empty = pa.schema([CORE_SCHEMA.field(c) for c in INDEX_COLUMNS])
+                tables = [empty.empty_table().append_column("_part", pa.array([], pa.int64()))
+                          .append_column("_row", pa.array([], pa.int64()))]
+            self._index_cache = (names, pa.concat_tables(tables).combine_chunks())
+        index = self._index_cache[1]
         if encoder_id is not None:
             index = index.filter(pc.equal(index.column("encoder_id"), encoder_id))
         return index

@@ -14,8 +14,10 @@ from the store, generates and puts each PNG. Per run, in the output store:
 - `_runs/generate-<stamp>-failures.parquet`: bad prompt-file lines, prompts the pipeline refuses (no
   placeholder, too long), and items of batches that failed even after their storage retries.
 
-Tasks carry the tag `elite-gpu`: `prefect concurrency-limit create elite-gpu N` caps generation batches across
-every worker and flow run of a Prefect server (docs in infra/README.md).
+`prefect concurrency-limit create elite-gpu N` caps generation batches across every worker and flow run of a
+Prefect server: while that limit exists, tasks carry the tag `elite-gpu` (docs in infra/README.md). Without it
+they carry no tag: Prefect asks its API for a slot before every tagged task, limit or not, which cost 15-90 ms
+per batch in benchmarks/bench_orchestration.py.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def load_pipeline(settings: GenerationSettings, device: str, slot: int = 0) -> _
 
 # ---- the batch task -------------------------------------------------------------------------------
 
-@task(cache_policy=NO_CACHE, retries=RETRIES, retry_condition_fn=retry_storage_errors, tags=[GPU_TAG])
+@task(cache_policy=NO_CACHE, retries=RETRIES, retry_condition_fn=retry_storage_errors)
 def generate_batch(store_uri: str, out_uri: str, settings: GenerationSettings, devices: list[str],
                    batch: list[WorkItem]) -> dict[str, Any]:
     """Generate one batch and put its PNGs; returns {"rows": manifest rows, "failures": rows, "seconds": ...}.
@@ -224,6 +226,19 @@ def _concept_refs(store_uri: str, concept_ids: list[str] | None, encoder_id: str
             zip(info.column("concept_id").to_pylist(), info.column("source_uri").to_pylist(), words, strict=True)]
 
 
+def gpu_tags() -> list[str]:
+    """[GPU_TAG] when the Prefect API holds a concurrency limit for it, else []. Checked once per run."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_concurrency_limit_by_tag(GPU_TAG)
+    except ObjectNotFound:
+        return []
+    return [GPU_TAG]
+
+
 def _existing(out_uri: str, concept_ids: list[str]) -> set[str]:
     """Keys of the images already written, one listing per concept folder."""
     out = store_at(out_uri)
@@ -272,8 +287,10 @@ def generate_images(store_uri: str, prompts_uri: str, out_uri: str, pretrained_m
     rows: list[dict[str, Any]] = []
     # one thread per slot: batches queue in the runner, never more in flight than there are slots
     runner: Any  # ThreadPoolTaskRunner; its submit overloads confuse mypy about sync tasks
+    tags = gpu_tags()
+    batch_task = generate_batch.with_options(tags=tags) if tags else generate_batch
     with ThreadPoolTaskRunner(max_workers=len(devices)) as runner:
-        futures = [runner.submit(generate_batch, {"store_uri": store_uri, "out_uri": out_uri, "settings": settings,
+        futures = [runner.submit(batch_task, {"store_uri": store_uri, "out_uri": out_uri, "settings": settings,
                                                   "devices": devices, "batch": batch}) for batch in batches]
         for batch, future in zip(batches, futures, strict=True):
             try:

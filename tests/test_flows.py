@@ -193,3 +193,18 @@ def test_generation_fans_out_over_slots_without_changing_images(prefect_harness:
         assert {row["slot"] for row in manifest} == set(range(len(slots)))
         outputs[len(slots)] = {row["output_key"]: row["sha256"] for row in manifest}
     assert outputs[1] == outputs[2]  # every image is the same whichever slot made it, and in whatever order
+
+
+def test_batches_carry_the_gpu_tag_only_while_its_limit_exists(prefect_harness: None) -> None:
+    from prefect.client.orchestration import get_client
+
+    from flows.generate import GPU_TAG, gpu_tags
+
+    assert gpu_tags() == []  # no limit: untagged, so no slot request to the API per batch
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(GPU_TAG, 2)
+        try:
+            assert gpu_tags() == [GPU_TAG]
+        finally:
+            client.delete_concurrency_limit_by_tag(GPU_TAG)
+    assert gpu_tags() == []

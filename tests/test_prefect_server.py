@@ -160,6 +160,7 @@ def test_flows_and_deployments_on_a_real_server(tiny_models: TinyModels, concept
         # 1. the flow from a client process, and meanwhile the project file's deployments through `prefect deploy`
         client.create_work_pool(WorkPoolCreate(name="elite-gpu", type="process",
                                                base_job_template=ProcessWorker.get_default_base_job_template()))
+        client.create_concurrency_limit("elite-gpu", 1)  # as `prefect concurrency-limit create elite-gpu 1`
         run_log, deploy_log = logs / "run.log", logs / "deploy.log"
         arguments = {"concepts_uri": str(root / "catalog"), "prompts_uri": str(root / "prompts.txt"),
                      "out_uri": str(out), **{name: models[var] for name, var in MODEL_ENV.items() if var in models},
@@ -189,7 +190,7 @@ def test_flows_and_deployments_on_a_real_server(tiny_models: TinyModels, concept
             return done if {"encode_batch", "generate_batch"} <= set(done) else {}
 
         tasks = _wait("completed batch task runs", batches, 60)
-        assert "elite-gpu" in tasks["generate_batch"].tags
+        assert "elite-gpu" in tasks["generate_batch"].tags  # the limit exists: generation batches take its slots
         [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
             any_=["personalize-catalog"])))
         assert artifact.type == "markdown" and artifact.flow_run_id == parent.id
