@@ -7,7 +7,7 @@ import io
 import posixpath
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -63,17 +63,20 @@ def run_stamp() -> str:
 _local = threading.local()
 
 
-def _settings() -> StorageSettings:
-    return storage_settings_from_env()  # read per call: cheap, and a test or worker may change the environment
+def _per_thread(kind: str, uri: str, build: Callable[[str, StorageSettings], Any]) -> Any:
+    """`build(uri, settings)`, once per thread, per kind, location and S3 settings. The settings are read from
+    the environment on each call (cheap), as a test or a worker may change it."""
+    cache: dict[tuple[str, StorageSettings], Any] = _local.__dict__.setdefault(kind, {})
+    key = (uri, storage_settings_from_env())
+    if key not in cache:
+        cache[key] = build(uri, key[1])
+    return cache[key]
 
 
 def store_at(uri: str) -> ObjectStore:
     """The ObjectStore at `uri` (S3 settings from the environment), cached per thread."""
-    cache: dict[tuple[str, StorageSettings], ObjectStore] = _local.__dict__.setdefault("stores", {})
-    key = (uri, _settings())
-    if key not in cache:
-        cache[key] = open_store(uri, key[1])
-    return cache[key]
+    store: ObjectStore = _per_thread("stores", uri, open_store)
+    return store
 
 
 def object_at(uri: str) -> tuple[ObjectStore, str]:
@@ -86,11 +89,8 @@ def object_at(uri: str) -> tuple[ObjectStore, str]:
 
 def embeddings_at(uri: str) -> EmbeddingStore:
     """The EmbeddingStore at `uri`, cached per thread, so a worker reads each part's index once."""
-    cache: dict[tuple[str, StorageSettings], EmbeddingStore] = _local.__dict__.setdefault("embedding_stores", {})
-    key = (uri, _settings())
-    if key not in cache:
-        cache[key] = embedding_store(uri, key[1])
-    return cache[key]
+    store: EmbeddingStore = _per_thread("embedding_stores", uri, embedding_store)
+    return store
 
 
 # ---- timings -------------------------------------------------------------------------------------
