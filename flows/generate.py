@@ -276,9 +276,10 @@ def generate_images(store_uri: str, prompts_uri: str, out_uri: str, pretrained_m
                 for f in bad_lines]
     plan = plan_work(refs, prompts, base_seed)
     used = {item.prompt for item in plan}
-    for spec in prompts:
-        if spec.template not in used and (spec.concept_id or spec.class_word):  # a typo in an id or class?
-            print(f"warning: prompt {spec.template!r} ({spec.scope}) applies to none of the {len(refs)} concepts")
+    unmatched = [f"{spec.template} ({spec.scope})" for spec in prompts  # a typo in an id or class word?
+                 if spec.template not in used and (spec.concept_id or spec.class_word)]
+    for prompt in unmatched:
+        print(f"warning: prompt {prompt} applies to none of the {len(refs)} concepts")
     with clock.time("io"):
         existing = _existing(out_uri, sorted({item.concept_id for item in plan}))
     todo = [item for item in plan if item.output_key not in existing]
@@ -310,7 +311,7 @@ def generate_images(store_uri: str, prompts_uri: str, out_uri: str, pretrained_m
     report: dict[str, Any] = {
         "generated": len(rows), "skipped": len(plan) - len(todo), "failed": len(failures), "planned": len(plan),
         "failures": failures, "manifest_uri": manifest_uri, "failures_uri": failures_uri, "out_uri": out_uri,
-        "devices": devices, "seconds": {**clock.seconds, "wall": seconds}}
+        "devices": devices, "unmatched_prompts": unmatched, "seconds": {**clock.seconds, "wall": seconds}}
     publish_summary("generate-images", "Generate images", {
         "generated": len(rows), "skipped (already written)": report["skipped"], "failed": len(failures),
         "planned": len(plan), "throughput": f"{len(rows) / seconds:.2f} images/s", "devices": ", ".join(devices)},

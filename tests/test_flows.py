@@ -181,7 +181,8 @@ def test_generation_fans_out_over_slots_without_changing_images(prefect_harness:
     store = str(tmp_path / "embeddings")
     encoded = encode_concepts(str(tmp_path / "catalog"), store, **models)
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "a photo of a S", "images": 2}\n'
-                                            '{"prompt": "a S in the snow", "concept_id": "7"}\n')
+                                            '{"prompt": "a S in the snow", "concept_id": "7"}\n'
+                                            '{"prompt": "a S on the moon", "class_word": "rocket"}\n')
     outputs = {}
     for slots in (["cpu"], ["cpu", "cpu"]):  # a device named twice: two pipelines, two batches at once
         out = tmp_path / f"images-{len(slots)}"
@@ -189,6 +190,7 @@ def test_generation_fans_out_over_slots_without_changing_images(prefect_harness:
                               models["global_mapper"], models["local_mapper"], encoder_id=encoded["encoder_id"],
                               steps=2, height=64, width=64, batch_size=1, devices=slots)
         assert (run["generated"], run["failed"], run["devices"]) == (7, 0, slots)
+        assert run["unmatched_prompts"] == ["a S on the moon (class:rocket)"]  # no concept of that class
         manifest = pq.read_table(run["manifest_uri"].removeprefix("file://")).to_pylist()
         assert {row["slot"] for row in manifest} == set(range(len(slots)))
         outputs[len(slots)] = {row["output_key"]: row["sha256"] for row in manifest}
