@@ -33,7 +33,7 @@ import safetensors.numpy
 from elite.errors import InputError, StorageError
 from elite.fileio import sha256_bytes, sha256_file
 from elite.storage import check_key, embedding_store, open_store
-from elite.store import CORE_COLUMNS, EmbeddingStore, MetadataValue, StoredArrays
+from elite.store import CORE_COLUMNS, TENSOR_COLUMNS, EmbeddingStore, MetadataValue, StoredArrays
 
 __all__ = [
     "DEFAULT_TOKEN_TEMPLATE",
@@ -57,7 +57,6 @@ PARQUET_FORMAT = b"elite.export"  # footer key of each exported Parquet file: JS
 # Concepts per Parquet row group, and per store read while writing one: 64 x 768 KiB of float32 local tokens
 PARQUET_ROW_GROUP_ROWS = 64
 _SUFFIX = {"parquet": "parquet", "safetensors": "safetensors", "numpy": "npz"}
-_TENSOR_COLUMNS = ("words", "local_tokens", "mask_grid")
 
 
 @dataclass(frozen=True)
@@ -249,7 +248,7 @@ def _write_parquet(path: Path, store: EmbeddingStore, job: ExportJob, ids: list[
             batch = _parquet_batch(store.read_arrays(ids[start:start + PARQUET_ROW_GROUP_ROWS], job.encoder_id),
                                    job.metadata_types)
             if writer is None:
-                plain = [name for name in batch.schema.names if name not in _TENSOR_COLUMNS]
+                plain = [name for name in batch.schema.names if name not in TENSOR_COLUMNS]
                 writer = pq.ParquetWriter(str(path), batch.schema, compression="zstd", use_dictionary=plain,
                                           write_statistics=plain, use_byte_stream_split=False, store_schema=True)
             elif not batch.schema.equals(writer.schema):

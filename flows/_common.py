@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect.artifacts import create_markdown_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from elite.errors import InputError, StorageError
 from elite.storage import (
@@ -91,6 +92,22 @@ def embeddings_at(uri: str) -> EmbeddingStore:
     """The EmbeddingStore at `uri`, cached per thread, so a worker reads each part's index once."""
     store: EmbeddingStore = _per_thread("embedding_stores", uri, embedding_store)
     return store
+
+
+# ---- bounded fan-out -----------------------------------------------------------------------------
+
+def run_bounded(task: Any, parameters: Sequence[dict[str, Any]], max_workers: int) -> Iterator[Any]:
+    """Run `task` once per parameter dict, at most `max_workers` at a time (the rest queue: Prefect's default
+    runner starts a thread per submitted task), yielding each result, or the exception its run ended with, in
+    submission order."""
+    runner: Any  # ThreadPoolTaskRunner; its submit overloads confuse mypy about sync tasks
+    with ThreadPoolTaskRunner(max_workers=max_workers) as runner:
+        futures = [runner.submit(task, p) for p in parameters]
+        for future in futures:
+            try:
+                yield future.result()
+            except Exception as err:  # failed even after its retries: the caller records what it held
+                yield err
 
 
 # ---- timings -------------------------------------------------------------------------------------

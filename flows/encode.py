@@ -20,7 +20,6 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from elite.encoder import ConceptEncoder, encode_isolated
 from elite.encoder import load_encoder as elite_load_encoder
@@ -39,6 +38,7 @@ from flows._common import (
     publish_summary,
     put_table,
     retry_storage_errors,
+    run_bounded,
     run_stamp,
     store_at,
 )
@@ -200,23 +200,19 @@ def encode_concepts(concepts_uri: str, store_uri: str, engine: str = "torch", on
     ready = [h.ref.concept_id for h in hashed if (h.image_sha256, h.mask_sha256, encoder_id) in stored]
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     done = 0
-    # `concurrency` batches in flight (Prefect's default runner would start a thread per batch: 1,000 concepts
-    # meant 125 batches decoding and encoding at once, and 6 GB of memory); the rest queue in the runner
-    runner: Any  # ThreadPoolTaskRunner; its submit overloads confuse mypy about sync tasks
-    with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
-        futures = [runner.submit(encode_batch, {"concepts_uri": concepts_uri, "store_uri": store_uri,
-                                                "settings": settings, "batch": batch}) for batch in batches]
-        for batch, future in zip(batches, futures, strict=True):
-            try:
-                result = future.result()
-            except Exception as err:  # failed even after its retries: its concepts are failures, not lost
-                failures += [failure_row(h.ref.concept_id, _uri(store, h.ref.image), "encode",
-                                         f"{type(err).__name__}: {err}") for h in batch]
-                continue
-            done += result["done"]
-            ready += result["done_ids"]
-            failures += result["failures"]
-            clock.add(result["seconds"])
+    # `concurrency` batches in flight: 1,000 concepts on an unbounded runner meant 125 batches decoding and
+    # encoding at once, and 6 GB of memory
+    parameters = [{"concepts_uri": concepts_uri, "store_uri": store_uri, "settings": settings, "batch": batch}
+                  for batch in batches]
+    for batch, result in zip(batches, run_bounded(encode_batch, parameters, concurrency), strict=True):
+        if isinstance(result, Exception):  # its concepts are failures, not lost
+            failures += [failure_row(h.ref.concept_id, _uri(store, h.ref.image), "encode",
+                                     f"{type(result).__name__}: {result}") for h in batch]
+            continue
+        done += result["done"]
+        ready += result["done_ids"]
+        failures += result["failures"]
+        clock.add(result["seconds"])
     with clock.time("io"):
         failures_uri = put_table(store_at(store_uri), f"_runs/encode-{run_stamp()}-failures.parquet", failures,
                                  FAILURE_SCHEMA)

@@ -15,7 +15,6 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from elite.embedding_export import (
     DEFAULT_TOKEN_TEMPLATE,
@@ -26,7 +25,7 @@ from elite.embedding_export import (
     write_shard,
 )
 from elite.errors import InputError
-from flows._common import RETRIES, publish_summary, retry_storage_errors
+from flows._common import RETRIES, publish_summary, retry_storage_errors, run_bounded
 
 
 @task(cache_policy=NO_CACHE, retries=RETRIES, retry_condition_fn=retry_storage_errors)  # retries: storage only
@@ -47,12 +46,11 @@ def export_embeddings(store_uri: str, dest_uri: str, format: str = "parquet", co
     plan = plan_export(store_uri, dest_uri, format, concept_ids=concept_ids, where=where, encoder_id=encoder_id,
                        shard_size=shard_size, token_template=token_template)
     files: list[ExportedFile] = []
-    runner: Any  # ThreadPoolTaskRunner; its submit overloads confuse mypy about sync tasks
-    with ThreadPoolTaskRunner(max_workers=max_concurrency) as runner:  # shards queue; max_concurrency in flight
-        futures = [runner.submit(export_shard, {"job": plan.job, "shard": n, "concept_ids": ids})
-                   for n, ids in enumerate(plan.shards)]
-        for future in futures:
-            files += future.result()
+    parameters = [{"job": plan.job, "shard": n, "concept_ids": ids} for n, ids in enumerate(plan.shards)]
+    for result in run_bounded(export_shard, parameters, max_concurrency):  # max_concurrency shards in flight
+        if isinstance(result, Exception):
+            raise result  # an export is whole or not at all: no manifest without every shard
+        files += result
     manifest = write_manifest(plan, files)
     seconds = time.perf_counter() - started
     publish_summary("export-embeddings", "Export embeddings", {

@@ -36,7 +36,6 @@ from typing import Any
 import pyarrow as pa
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
 import elite
 from elite.errors import InputError
@@ -54,6 +53,7 @@ from flows._common import (
     publish_summary,
     put_table,
     retry_storage_errors,
+    run_bounded,
     run_stamp,
     store_at,
 )
@@ -286,23 +286,19 @@ def generate_images(store_uri: str, prompts_uri: str, out_uri: str, pretrained_m
     batches = batch_work(todo, batch_size)
     out = store_at(out_uri)
     rows: list[dict[str, Any]] = []
-    # one thread per slot: batches queue in the runner, never more in flight than there are slots
-    runner: Any  # ThreadPoolTaskRunner; its submit overloads confuse mypy about sync tasks
     tags = gpu_tags()
     batch_task = generate_batch.with_options(tags=tags) if tags else generate_batch
-    with ThreadPoolTaskRunner(max_workers=len(devices)) as runner:
-        futures = [runner.submit(batch_task, {"store_uri": store_uri, "out_uri": out_uri, "settings": settings,
-                                                  "devices": devices, "batch": batch}) for batch in batches]
-        for batch, future in zip(batches, futures, strict=True):
-            try:
-                result = future.result()
-            except Exception as err:  # failed even after its retries: its items are failures, not lost
-                failures += [failure_row(i.concept_id, out.uri(i.output_key), "generate",
-                                         f"{type(err).__name__}: {err}") for i in batch]
-                continue
-            rows += result["rows"]
-            failures += result["failures"]
-            clock.add(result["seconds"])
+    parameters = [{"store_uri": store_uri, "out_uri": out_uri, "settings": settings, "devices": devices,
+                   "batch": batch} for batch in batches]
+    # one thread per slot: never more batches in flight than there are slots
+    for batch, result in zip(batches, run_bounded(batch_task, parameters, len(devices)), strict=True):
+        if isinstance(result, Exception):  # its items are failures, not lost
+            failures += [failure_row(i.concept_id, out.uri(i.output_key), "generate",
+                                     f"{type(result).__name__}: {result}") for i in batch]
+            continue
+        rows += result["rows"]
+        failures += result["failures"]
+        clock.add(result["seconds"])
     stamp = run_stamp()
     with clock.time("io"):
         manifest_uri = put_table(out, f"_runs/generate-{stamp}.parquet", rows, MANIFEST_SCHEMA)
