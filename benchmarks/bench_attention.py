@@ -4,7 +4,7 @@ For layer shapes of the mid-size UNet used by bench_generation.py (8 heads; 8 UN
 with classifier-free guidance, the local branch on the 4 conditional rows), time one call of:
 
   default   diffusers' AttnProcessor2_0 (what plain Stable Diffusion runs)
-  elite-g   elite.attention.EliteAttnProcessor with global k/v copies only (no local branch)
+  elite-g   elite.model.attention.EliteAttnProcessor with global k/v copies only (no local branch)
   elite     EliteAttnProcessor with the local branch (256 local tokens, one placeholder slot)
   release   the release-style processor of bench_generation.py, called once per row as the release calls
             the UNet: 4 conditional rows with the local branch, 4 unconditional rows without
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import core_count, exact_command, gemm_probe, machine_info, save_results
 from bench_generation import ReleaseContext, ReleaseCrossAttnProcessor
 
-from elite.attention import EliteAttnProcessor, LocalInjection
+from elite.model.attention import EliteAttnProcessor, LocalInjection
 
 # (inner width, queries): the mid-size UNet's cross-attention layers at 32x32 latents
 SHAPES = ((128, 1024), (256, 256), (256, 64))

@@ -30,11 +30,11 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import announce, core_count, exact_command, gemm_probe, peak_rss_mib, rusage, save_results
 
-from elite.concepts import find_concepts
-from elite.configs import CLIP_L14_VISION_CONFIG
-from elite.encoder import ConceptEncoderModule, TorchConceptEncoder
-from elite.mappers import GlobalMapper, LocalMapper, MapperConfig
-from elite.preprocessing import open_image
+from elite.data.sources import find_concepts
+from elite.model.configs import CLIP_L14_VISION_CONFIG
+from elite.model.encoder import ConceptEncoderModule, TorchConceptEncoder
+from elite.model.mappers import GlobalMapper, LocalMapper, MapperConfig
+from elite.model.preprocessing import open_image
 
 CONCEPT_DIR = Path("/work/shared/data/elite-test-concepts")
 

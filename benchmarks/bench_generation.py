@@ -56,13 +56,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import announce, core_count, exact_command, gemm_probe, peak_rss_mib, rusage, save_results
 
-from elite.concepts import ConceptEmbedding, find_concepts
-from elite.configs import SD14_UNET_CONFIG
-from elite.mappers import GlobalMapper, LocalMapper, MapperConfig, cross_attention_layers
-from elite.pipeline import ElitePipeline
-from elite.preprocessing import open_image
-from elite.text import encode_prompts
-from elite.tiny import write_tokenizer_files
+from elite.data.sources import find_concepts
+from elite.model.concepts import ConceptEmbedding
+from elite.model.configs import SD14_UNET_CONFIG
+from elite.model.mappers import GlobalMapper, LocalMapper, MapperConfig, cross_attention_layers
+from elite.model.pipeline import ElitePipeline
+from elite.model.preprocessing import open_image
+from elite.model.text import encode_prompts
+from elite.model.tiny import write_tokenizer_files
 
 CONCEPT_DIR = Path("/work/shared/data/elite-test-concepts")
 PROMPT = "a photo of a S"  # the reference template with the reference placeholder

@@ -3,7 +3,7 @@
 
 Step 1 (a setup process): build the random-weight `ConceptEncoderModule` (ViT-L/14 vision tower, release-size
 mappers, fixed seed), save it (vision tower with `save_pretrained`, mappers as `global_mapper.pt` /
-`local_mapper.pt`) and export it with `elite.export.export_concept_encoder` as fp32 and int8 ONNX, all into
+`local_mapper.pt`) and export it with `elite.model.onnx_export.export_concept_encoder` as fp32 and int8 ONNX, all into
 `--work-dir` (`--reuse` skips this when the folder already holds a build of the same configuration).
 
 Step 2: for each (batch, contender) a fresh child process (this script with `--child`) loads the SAME weights
@@ -53,8 +53,8 @@ from _common import (
     save_results,
 )
 
-from elite.configs import CLIP_L14_VISION_CONFIG
-from elite.mappers import MapperConfig
+from elite.model.configs import CLIP_L14_VISION_CONFIG
+from elite.model.mappers import MapperConfig
 
 CONCEPT_DIR = Path("/work/shared/data/elite-test-concepts")
 # contender -> (engine, torch dtype or ONNX precision)
@@ -193,9 +193,9 @@ def setup_main(args: argparse.Namespace) -> None:
     import transformers
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from elite.encoder import ConceptEncoderModule, state_digest
-    from elite.export import export_concept_encoder
-    from elite.mappers import GlobalMapper, LocalMapper
+    from elite.model.encoder import ConceptEncoderModule, state_digest
+    from elite.model.mappers import GlobalMapper, LocalMapper
+    from elite.model.onnx_export import export_concept_encoder
 
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
@@ -269,8 +269,8 @@ def child_main(args: argparse.Namespace) -> None:
     """Load one contender, warm up, time `reps` encode() calls at one batch size; write a JSON result."""
     import transformers
 
-    from elite.concepts import find_concepts
-    from elite.preprocessing import open_image
+    from elite.data.sources import find_concepts
+    from elite.model.preprocessing import open_image
 
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
@@ -280,12 +280,12 @@ def child_main(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     extra: dict[str, Any] = {}
     if engine == "torch":
-        from elite.encoder import TorchConceptEncoder
+        from elite.model.encoder import TorchConceptEncoder
 
         encoder: Any = TorchConceptEncoder.from_pretrained(work / "vision", work / "global_mapper.pt",
                                                            work / "local_mapper.pt", dtype=getattr(torch, kind))
     else:
-        from elite.onnx_encoder import OnnxConceptEncoder
+        from elite.model.onnx_encoder import OnnxConceptEncoder
 
         encoder = OnnxConceptEncoder(work / f"encoder-{kind}.onnx", threads=args.threads)
         extra = {"provider": encoder.provider, "ort_threads": args.threads}

@@ -192,7 +192,7 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def prepare(work: Path, counts: list[int]) -> dict[str, Any]:
     """Tiny models, the concept pool, one catalog folder per count (hard links into the pool), the prompt file."""
-    from elite.tiny import make_tiny_models
+    from elite.model.tiny import make_tiny_models
 
     start = time.perf_counter()
     tiny = make_tiny_models(work / "models")

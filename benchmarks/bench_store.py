@@ -1,4 +1,4 @@
-"""Benchmark of the Parquet embedding store (elite.store), at real ELITE sizes: 5 x 768 float32 words,
+"""Benchmark of the Parquet embedding store (elite.data.store), at real ELITE sizes: 5 x 768 float32 words,
 256 x 768 float16 local tokens (zero on the background patches, about half of them), a 16 x 16 mask.
 
 1. layouts   how to store the local tokens: one Parquet file per layout, the same rows, written and read
@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import exact_command, gemm_probe, machine_info, save_results
 
-from elite.store import DEFAULT_ROW_GROUP_ROWS, EmbeddingRecord, EmbeddingStore, sha256_bytes
+from elite.data.store import DEFAULT_ROW_GROUP_ROWS, EmbeddingRecord, EmbeddingStore, sha256_bytes
 
 GRID, TEXT_DIM, WORDS = 16, 768, 5
 PATCHES = GRID * GRID

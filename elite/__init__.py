@@ -1,5 +1,9 @@
 """ELITE: encode visual concepts into textual embeddings for customised text-to-image generation.
 
+    elite.model   the method: mappers, attention, text injection, encoder, pipeline, checkpoints
+    elite.data    the data plumbing: object stores (folders, S3), the embedding store, sources, prompts, export formats
+    elite.jobs    the jobs both front doors run (the `elite` CLI in elite_cli/, the Prefect flows in flows/)
+
 The library is importable without Prefect; heavy submodules load on first use.
 """
 
@@ -29,13 +33,18 @@ __all__ = [
     "OnnxConceptEncoder",
     "StorageError",
     "TorchConceptEncoder",
+    "TransientStorageError",
     "convert_checkpoint",
     "elite_attention",
     "embedding_store",
+    "encode_catalog",
     "encode_prompts",
     "export_concept_encoder",
+    "export_embeddings",
     "find_concepts",
+    "generate_catalog",
     "load_embeddings",
+    "load_encoder",
     "load_mapper",
     "make_tiny_models",
     "open_store",
@@ -44,32 +53,42 @@ __all__ = [
 
 _WHERE = {
     "CheckpointError": "errors", "EliteError": "errors", "InputError": "errors", "StorageError": "errors",
-    "ConceptEmbedding": "concepts", "find_concepts": "concepts", "load_embeddings": "concepts",
-    "save_embeddings": "concepts", "ConceptEncoder": "encoder", "TorchConceptEncoder": "encoder",
-    "ConceptPreprocessor": "preprocessing", "EliteAttnProcessor": "attention", "LocalInjection": "attention",
-    "elite_attention": "attention", "ElitePipeline": "pipeline", "ElitePipelineOutput": "pipeline",
-    "GlobalMapper": "mappers", "LocalMapper": "mappers", "MapperConfig": "mappers",
-    "convert_checkpoint": "checkpoints", "load_mapper": "checkpoints", "encode_prompts": "text",
-    "make_tiny_models": "tiny", "EmbeddingRecord": "store", "EmbeddingStore": "store",
-    "ObjectStore": "storage", "open_store": "storage", "embedding_store": "storage",
-    "OnnxConceptEncoder": "onnx_encoder", "export_concept_encoder": "export",
+    "TransientStorageError": "errors",
+    "ConceptEmbedding": "model.concepts", "load_embeddings": "model.concepts", "save_embeddings": "model.concepts",
+    "ConceptEncoder": "model.encoder", "TorchConceptEncoder": "model.encoder",
+    "ConceptPreprocessor": "model.preprocessing", "EliteAttnProcessor": "model.attention",
+    "LocalInjection": "model.attention", "elite_attention": "model.attention", "ElitePipeline": "model.pipeline",
+    "ElitePipelineOutput": "model.pipeline", "GlobalMapper": "model.mappers", "LocalMapper": "model.mappers",
+    "MapperConfig": "model.mappers", "convert_checkpoint": "model.checkpoints", "load_mapper": "model.checkpoints",
+    "encode_prompts": "model.text", "make_tiny_models": "model.tiny", "load_encoder": "model.loading",
+    "OnnxConceptEncoder": "model.onnx_encoder", "export_concept_encoder": "model.onnx_export",
+    "EmbeddingRecord": "data.store_format", "EmbeddingStore": "data.store", "ObjectStore": "data.objects",
+    "open_store": "data.storage", "embedding_store": "data.storage", "find_concepts": "data.sources",
+    "export_embeddings": "jobs.export", "encode_catalog": "jobs.encode", "generate_catalog": "jobs.generate",
 }
 
 if TYPE_CHECKING:
-    from elite.attention import EliteAttnProcessor, LocalInjection, elite_attention
-    from elite.checkpoints import convert_checkpoint, load_mapper
-    from elite.concepts import ConceptEmbedding, find_concepts, load_embeddings, save_embeddings
-    from elite.encoder import ConceptEncoder, TorchConceptEncoder
-    from elite.errors import CheckpointError, EliteError, InputError, StorageError
-    from elite.export import export_concept_encoder
-    from elite.mappers import GlobalMapper, LocalMapper, MapperConfig
-    from elite.onnx_encoder import OnnxConceptEncoder
-    from elite.pipeline import ElitePipeline, ElitePipelineOutput
-    from elite.preprocessing import ConceptPreprocessor
-    from elite.storage import ObjectStore, embedding_store, open_store
-    from elite.store import EmbeddingRecord, EmbeddingStore
-    from elite.text import encode_prompts
-    from elite.tiny import make_tiny_models
+    from elite.data.objects import ObjectStore
+    from elite.data.sources import find_concepts
+    from elite.data.storage import embedding_store, open_store
+    from elite.data.store import EmbeddingStore
+    from elite.data.store_format import EmbeddingRecord
+    from elite.errors import CheckpointError, EliteError, InputError, StorageError, TransientStorageError
+    from elite.jobs.encode import encode_catalog
+    from elite.jobs.export import export_embeddings
+    from elite.jobs.generate import generate_catalog
+    from elite.model.attention import EliteAttnProcessor, LocalInjection, elite_attention
+    from elite.model.checkpoints import convert_checkpoint, load_mapper
+    from elite.model.concepts import ConceptEmbedding, load_embeddings, save_embeddings
+    from elite.model.encoder import ConceptEncoder, TorchConceptEncoder
+    from elite.model.loading import load_encoder
+    from elite.model.mappers import GlobalMapper, LocalMapper, MapperConfig
+    from elite.model.onnx_encoder import OnnxConceptEncoder
+    from elite.model.onnx_export import export_concept_encoder
+    from elite.model.pipeline import ElitePipeline, ElitePipelineOutput
+    from elite.model.preprocessing import ConceptPreprocessor
+    from elite.model.text import encode_prompts
+    from elite.model.tiny import make_tiny_models
 
 
 def __getattr__(name: str) -> Any:

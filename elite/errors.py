@@ -1,11 +1,13 @@
-"""The one exception tree of the library.
+"""The one exception tree of the library, and the failure record of batch jobs.
 
-    EliteError                 base: every error the library raises on purpose
-    ├── CheckpointError        a mapper or model file is missing, truncated, unsafe or has the wrong layout
-    ├── InputError             an image, mask, prompt or argument cannot be used (names the item and why)
-    └── StorageError           reading or writing files or objects failed
+    EliteError                   base: every error the library raises on purpose
+    ├── CheckpointError          a mapper or model file is missing, truncated, unsafe or has the wrong layout
+    ├── InputError               an image, mask, prompt, id or argument cannot be used (names the item and why)
+    └── StorageError             reading or writing files or objects failed, and trying again will not help
+        └── TransientStorageError   ... failed in a way that may pass (throttling, 5xx, a dropped connection):
+                                    the only error the flows retry, after a delay
 
-Callers that process batches catch `EliteError`, record it as a `Failure` against the item and carry on.
+Batch jobs catch `EliteError` per item, record it as a `Failure` and carry on.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Failure:
-    """One item a batch job could not process: which, at what stage, and why."""
+    """One item a batch job could not process: which, where, at what stage, and why (a failures-table row)."""
 
-    item: str
-    stage: str
+    concept_id: str  # the concept; "" for an item that is not one (a prompt-file or manifest line)
+    uri: str  # the object at fault: image, mask, "<file>:<line>", or the output that was not written
+    stage: str  # manifest, prompts, read, preprocess, encode, generate, write
     reason: str
+
+    def row(self) -> dict[str, str]:
+        return {"concept_id": self.concept_id, "uri": self.uri, "stage": self.stage, "reason": self.reason}
 
 
 class EliteError(Exception):
@@ -35,4 +41,9 @@ class InputError(EliteError):
 
 
 class StorageError(EliteError):
-    """Reading or writing a file or object failed."""
+    """Reading or writing a file or object failed (not found, access denied, ...): retrying will not help."""
+
+
+class TransientStorageError(StorageError):
+    """Reading or writing failed in a way that may pass on its own (throttling, 5xx, timeouts, refused or dropped
+    connections), after the client's own retries: worth retrying the whole task later."""

@@ -33,6 +33,18 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def fsync_folder(folder: str | os.PathLike[str]) -> None:
+    """Make renames inside `folder` durable (a file's own fsync does not cover its directory entry)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise StorageError(f"{folder}: fsync of the folder failed: {err}") from err
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -1,60 +1,62 @@
-"""What the flows share: transient-only retries, per-thread stores, timings, run tables and the Prefect artifact."""
+"""What the flows share: transient-only retries, per-thread stores, the bounded fan-out, logs and artifacts."""
 
 from __future__ import annotations
 
-import datetime
-import io
-import posixpath
+import logging
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from elite.errors import InputError, StorageError
-from elite.storage import (
-    ObjectStore,
-    StorageSettings,
-    embedding_store,
-    open_store,
-    storage_settings_from_env,
-)
-from elite.store import EmbeddingStore
+from elite.data.objects import ObjectStore
+from elite.data.s3 import StorageSettings, storage_settings_from_env
+from elite.data.storage import embedding_store, open_store
+from elite.data.store import EmbeddingStore
+from elite.errors import Failure, TransientStorageError
+from elite.jobs.common import Locations
 
-RETRIES = 2  # storage only: a bad image or checkpoint fails the same way every time
-
-# One row per item that could not be done: the failures table of every flow (`_runs/<flow>-<stamp>-failures.parquet`)
-FAILURE_SCHEMA = pa.schema([
-    pa.field("concept_id", pa.string()),  # the concept (or "" for a prompt-file line, which is named by `uri`)
-    pa.field("uri", pa.string()),  # the object at fault: image, mask, prompt file line, or the output not written
-    pa.field("stage", pa.string()),  # read, preprocess, encode, prompts, generate, write
-    pa.field("reason", pa.string()),
-])
+# Task retries, for transient storage errors only (a bad image or checkpoint fails the same way every time), after
+# these delays in seconds: long enough for a throttled or restarting endpoint to come back.
+RETRIES = 2
+RETRY_DELAYS = [2.0, 10.0]
 
 
-def failure_row(concept_id: str, uri: str, stage: str, reason: str) -> dict[str, str]:
-    return {"concept_id": concept_id, "uri": uri, "stage": stage, "reason": reason}
-
-
-def retry_storage_errors(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry a task only when it failed with a StorageError (elite wraps S3/OS errors)."""
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry a task only when it failed with a TransientStorageError."""
     try:
         state.result()
-    except StorageError:
+    except TransientStorageError:
         return True
     except Exception:  # anything else is not transient: fail now
         return False
     return False
 
 
-def run_stamp() -> str:
-    """A sortable UTC timestamp that names one run's report files."""
-    return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+# ---- the library's logs in the run's logs -------------------------------------------------------
+
+class _RunLogForwarder(logging.Handler):
+    """Sends records of the `elite.*` loggers to the Prefect run logger of the flow or task run they happen in,
+    so the library's warnings appear in the run's logs (UI, API) as WARNING. Outside a run: left to other handlers."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            run_logger = get_run_logger()
+        except MissingContextError:
+            return
+        run_logger.log(record.levelno, "%s: %s", record.name, record.getMessage())
+
+
+def capture_library_logs() -> None:
+    """Forward `elite.*` INFO and above to Prefect's run logs (once per process)."""
+    library = logging.getLogger("elite")
+    if not any(isinstance(h, _RunLogForwarder) for h in library.handlers):
+        library.addHandler(_RunLogForwarder(logging.INFO))
+        if library.level == logging.NOTSET:
+            library.setLevel(logging.INFO)
 
 
 # ---- stores, one per thread ----------------------------------------------------------------------
@@ -80,12 +82,10 @@ def store_at(uri: str) -> ObjectStore:
     return store
 
 
-def object_at(uri: str) -> tuple[ObjectStore, str]:
-    """(store of the containing folder, key) for the URI or path of one object, the store cached per thread."""
-    folder, name = posixpath.split(uri.rstrip("/"))
-    if not name or folder.endswith(":"):  # "s3://bucket" alone names a bucket, not an object
-        raise InputError(f"{uri!r} does not name an object inside a folder or bucket")
-    return store_at(folder or "."), name
+def locations_at(uri: str) -> Locations:
+    """Locations of concept files relative to the store at `uri`, cached per thread."""
+    locations: Locations = _per_thread("locations", uri, lambda u, s: Locations(open_store(u, s)))
+    return locations
 
 
 def embeddings_at(uri: str) -> EmbeddingStore:
@@ -106,49 +106,24 @@ def run_bounded(task: Any, parameters: Sequence[dict[str, Any]], max_workers: in
         for future in futures:
             try:
                 yield future.result()
-            except Exception as err:  # failed even after its retries: the caller records what it held
+            except Exception as err:  # failed even after its retries: the job records what it held
                 yield err
 
 
-# ---- timings -------------------------------------------------------------------------------------
-
-class Stopwatch:
-    """Seconds spent per kind of work ("model": decoding and model calls, "io": storage), so a run can tell its
-    own orchestration overhead apart (wall time minus both)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {"model": 0.0, "io": 0.0}
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def time(self, kind: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add({kind: time.perf_counter() - started})
-
-    def add(self, seconds: dict[str, float]) -> None:
-        with self._lock:
-            for kind, value in seconds.items():
-                self.seconds[kind] = self.seconds.get(kind, 0.0) + value
+def batch_label(first: str, last: str, count: int) -> str:
+    """A task run name that says what the batch holds."""
+    return f"{first} ({count})" if count == 1 or first == last else f"{first}..{last} ({count})"
 
 
-# ---- run reports ---------------------------------------------------------------------------------
+# ---- artifacts -----------------------------------------------------------------------------------
 
-def put_table(store: ObjectStore, key: str, rows: Sequence[dict[str, Any]], schema: pa.Schema | None = None) -> str:
-    """Write rows as one Parquet object at `key` (a store put is all-or-nothing); returns the object's URI.
-    With `schema`, an empty table still has its columns; without, the columns come from the rows."""
-    table = pa.Table.from_pylist(list(rows), schema=schema)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    store.put(key, buffer.getvalue())
-    return store.uri(key)
-
-
-def publish_summary(key: str, title: str, counts: dict[str, Any], outputs: dict[str, str]) -> None:
-    """A markdown artifact with the run's counts and where its outputs are."""
+def publish(key: str, title: str, counts: dict[str, Any], outputs: dict[str, str | None],
+            failures: Sequence[Failure]) -> None:
+    """A markdown artifact with the run's counts and where its outputs are, and the failures as a table artifact."""
     lines = [f"# {title}", "", "| | |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in counts.items()]
-    lines += ["", *(f"- {name}: `{uri}`" for name, uri in outputs.items())]
+    lines += ["", *(f"- {name}: `{uri}`" for name, uri in outputs.items() if uri)]
     create_markdown_artifact(markdown="\n".join(lines), key=key, description=title)
+    if failures:
+        create_table_artifact([f.row() for f in failures], key=f"{key}-failures",
+                              description=f"{title}: {len(failures)} failed")

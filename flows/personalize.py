@@ -2,12 +2,12 @@
 
     personalize_catalog("s3://shop/catalog", "s3://shop/prompts.txt", "s3://shop/personalized")
 
-Layout under `out_uri`: `embeddings/` (the Parquet embedding store, unless `store_uri` puts it elsewhere),
+Layout under `out_uri`: `embeddings/` (the embedding store, unless `store_uri` puts it elsewhere),
 `images/<concept_id>/*.png` with `images/_runs/` (results manifests and failures tables of the generation runs),
 `embeddings/_runs/` (failures tables of the encode runs) and `_runs/personalize-<stamp>-failures.parquet` (every
-failure of this run in one table). Both steps skip finished work, so a rerun does only what is missing: concepts
-whose image and mask bytes are stored for this encoder are not encoded again, images already written are not
-generated again, and a concept added to the catalog gets its images on the next run.
+failure of this run in one table; written only when something failed). Both steps skip finished work, so a rerun
+does only what is missing: concepts whose image and mask bytes are stored for this encoder are not encoded again,
+images already written are not generated again, and a concept added to the catalog gets its images on the next run.
 
 Models come from the parameters or, where a parameter is left out, from ELITE_PRETRAINED_MODEL,
 ELITE_VISION_MODEL, ELITE_GLOBAL_MAPPER, ELITE_LOCAL_MAPPER and ELITE_ONNX_ENCODER in the worker's environment,
@@ -16,80 +16,68 @@ so a deployment can keep model locations in its work pool. Deployment: infra/REA
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 from prefect import flow
 
-from elite.errors import InputError
-from flows._common import FAILURE_SCHEMA, publish_summary, put_table, run_stamp, store_at
+from elite.errors import Failure
+from elite.jobs.common import put_failures, run_stamp
+from elite.jobs.models import GENERATOR_NEEDS, encoder_needs, resolve_models
+from flows._common import capture_library_logs, publish, store_at
 from flows.encode import encode_concepts
 from flows.generate import generate_images
-
-MODEL_ENV = {"pretrained_model": "ELITE_PRETRAINED_MODEL", "vision_model": "ELITE_VISION_MODEL",
-             "global_mapper": "ELITE_GLOBAL_MAPPER", "local_mapper": "ELITE_LOCAL_MAPPER",
-             "onnx_path": "ELITE_ONNX_ENCODER"}
-
-
-def resolve_models(engine: str, **given: str | None) -> dict[str, str | None]:
-    """The model locations: each given value, else its environment variable; InputError names what is missing."""
-    models = {name: given.get(name) or os.environ.get(var) or None for name, var in MODEL_ENV.items()}
-    needed = ["pretrained_model", "global_mapper", "local_mapper"]
-    needed += ["onnx_path"] if engine == "onnx" else ["vision_model"]
-    missing = [name for name in needed if not models[name]]
-    if missing:
-        raise InputError("personalize_catalog needs " + ", ".join(f"{name} (or ${MODEL_ENV[name]})"
-                                                                   for name in missing))
-    return models
 
 
 def join_uri(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}"
 
 
-@flow(name="personalize-catalog", log_prints=True)
-def personalize_catalog(concepts_uri: str, prompts_uri: str, out_uri: str, store_uri: str | None = None,
+@flow(name="personalize-catalog", flow_run_name="personalize {concepts_uri}", log_prints=True)
+def personalize_catalog(concepts_uri: str, prompts_uri: str | None, out_uri: str, store_uri: str | None = None,
                         manifest: str | None = None, pretrained_model: str | None = None,
                         vision_model: str | None = None, global_mapper: str | None = None,
                         local_mapper: str | None = None, engine: str = "torch", onnx_path: str | None = None,
                         steps: int = 100, guidance_scale: float = 5.0, lambda_local: float = 0.8, height: int = 512,
                         width: int = 512, encode_batch_size: int = 8, encode_concurrency: int = 2,
-                        generate_batch_size: int = 4,
-                        base_seed: int = 0, devices: list[str] | None = None, dtype: str = "auto") -> dict[str, Any]:
+                        generate_batch_size: int = 4, base_seed: int = 0, devices: list[str] | None = None,
+                        dtype: str = "auto", encode_device: str = "auto",
+                        replace_sources: bool = False) -> dict[str, Any]:
     """Encode the new concepts of `concepts_uri` (a folder, or the `manifest` key in it), then generate every
-    image of the prompt file at `prompts_uri` that the catalog's concepts lack, under `out_uri`/images."""
+    image of the prompt file at `prompts_uri` (None: two default prompts) that the catalog's concepts lack, under
+    `out_uri`/images."""
     started = time.perf_counter()
-    models = resolve_models(engine, pretrained_model=pretrained_model, vision_model=vision_model,
-                            global_mapper=global_mapper, local_mapper=local_mapper, onnx_path=onnx_path)
+    capture_library_logs()
+    models = resolve_models(GENERATOR_NEEDS + encoder_needs(engine), pretrained_model=pretrained_model,
+                            vision_model=vision_model, global_mapper=global_mapper, local_mapper=local_mapper,
+                            onnx_path=onnx_path)
     store_uri = store_uri or join_uri(out_uri, "embeddings")
     images_uri = join_uri(out_uri, "images")
     encoded = encode_concepts(concepts_uri, store_uri, engine=engine, onnx_path=models["onnx_path"],
                               vision_model=models["vision_model"], global_mapper=models["global_mapper"],
                               local_mapper=models["local_mapper"], pretrained_model=models["pretrained_model"],
-                              manifest=manifest, batch_size=encode_batch_size, concurrency=encode_concurrency)
-    generated = generate_images(store_uri, prompts_uri, images_uri, str(models["pretrained_model"]),
-                                str(models["global_mapper"]), str(models["local_mapper"]),
-                                encoder_id=encoded["encoder_id"], concept_ids=encoded["concept_ids"], steps=steps,
-                                guidance_scale=guidance_scale, lambda_local=lambda_local, height=height,
-                                width=width, batch_size=generate_batch_size, base_seed=base_seed, devices=devices,
-                                dtype=dtype)
-    failures = encoded["failures"] + generated["failures"]
-    failures_uri = put_table(store_at(out_uri), f"_runs/personalize-{run_stamp()}-failures.parquet", failures,
-                             FAILURE_SCHEMA)
+                              manifest=manifest, batch_size=encode_batch_size, concurrency=encode_concurrency,
+                              device=encode_device, dtype=dtype, replace_sources=replace_sources)
+    generated = generate_images(store_uri, prompts_uri, images_uri, models["pretrained_model"],
+                                models["global_mapper"], models["local_mapper"], encoder_id=encoded["encoder_id"],
+                                concept_ids=encoded["concept_ids"], steps=steps, guidance_scale=guidance_scale,
+                                lambda_local=lambda_local, height=height, width=width,
+                                batch_size=generate_batch_size, base_seed=base_seed, devices=devices, dtype=dtype)
+    failures = [Failure(**row) for row in encoded["failures"] + generated["failures"]]
+    failures_uri = put_failures(store_at(out_uri), f"_runs/personalize-{run_stamp()}-failures.parquet", failures)
     seconds = time.perf_counter() - started
     report: dict[str, Any] = {
         "encoded": encoded["done"], "encode_skipped": encoded["skipped"], "concepts": len(encoded["concept_ids"]),
         "generated": generated["generated"], "generate_skipped": generated["skipped"], "failed": len(failures),
-        "failures": failures, "failures_uri": failures_uri, "store_uri": store_uri, "images_uri": images_uri,
-        "manifest_uri": generated["manifest_uri"], "encoder_id": encoded["encoder_id"],
+        "failures": [f.row() for f in failures], "failures_uri": failures_uri, "store_uri": store_uri,
+        "images_uri": images_uri, "manifest_uri": generated["manifest_uri"], "encoder_id": encoded["encoder_id"],
         "seconds": {kind: encoded["seconds"].get(kind, 0.0) + generated["seconds"].get(kind, 0.0)
                     for kind in ("model", "io")} | {"wall": seconds}}
-    publish_summary("personalize-catalog", "Personalize catalog", {
+    publish("personalize-catalog", "Personalize catalog", {
         "concepts encoded": encoded["done"], "concepts already stored": encoded["skipped"],
         "images generated": generated["generated"], "images already written": generated["skipped"],
         "failed": len(failures), "wall time": f"{seconds:.1f} s",
         "throughput": f"{generated['generated'] / seconds:.2f} images/s"},
         {"images": images_uri, "embedding store": store_uri, "results manifest": generated["manifest_uri"],
-         "failures": failures_uri})
+         "failures": failures_uri}, [])  # the subflows published their failures already
     return report

@@ -24,8 +24,9 @@ from prefect.schedules import Cron
 from prefect.types.entrypoint import EntrypointType
 
 from elite.errors import InputError
+from elite.jobs.models import GENERATOR_NEEDS, MODEL_ENV, encoder_needs, resolve_models
 from flows.export import export_embeddings
-from flows.personalize import MODEL_ENV, join_uri, personalize_catalog, resolve_models
+from flows.personalize import join_uri, personalize_catalog
 
 CRON = "0 2 * * *"  # nightly at 02:00, as in infra/prefect.yaml
 TIMEZONE = "UTC"
@@ -80,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         deployments = build_deployments(args.concepts_uri, args.prompts_uri, args.out_uri, cron=args.cron,
                                         timezone=args.timezone, parameters=parameters)
-        resolve_models(parameters.get("engine", "torch"), **{name: parameters.get(name) for name in MODEL_ENV})
+        resolve_models(GENERATOR_NEEDS + encoder_needs(parameters.get("engine", "torch")),
+                       **{name: parameters.get(name) for name in MODEL_ENV})
     except (ParameterTypeError, SignatureMismatchError, InputError, ValueError) as err:
         parser.error(str(err))
     serve(*deployments)

@@ -1,18 +1,35 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+
+# Before anything imports Prefect (its settings are read from the environment at import): telemetry off, and a long
+# start-up timeout for ephemeral API servers (Prefect's default, 20 s, is too short on a busy 2-core machine, where
+# starting one took 13-32 s). The environment carries them to subprocesses (the CLI) too; a user's own values win.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 
-from elite.encoder import TorchConceptEncoder
-from elite.export import export_concept_encoder
-from elite.pipeline import ElitePipeline, unet_cross_attention_layers
-from elite.tiny import TinyModels, make_tiny_models
+from elite.model.encoder import TorchConceptEncoder
+from elite.model.loading import unet_cross_attention_layers
+from elite.model.onnx_export import (
+    Precision,
+    _quantize_int8,
+    encoder_metadata,
+    export_concept_encoder,
+)
+from elite.model.pipeline import ElitePipeline
+from elite.model.tiny import TinyModels, make_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "int8", "fp16")
 
 
 @pytest.fixture(scope="session")
@@ -43,21 +60,77 @@ def torch_encoder(tiny_models: TinyModels) -> TorchConceptEncoder:
                                                unet_cross_attention_layers(tiny_models.pretrained_model))
 
 
-@pytest.fixture(scope="session")
-def exported(torch_encoder: TorchConceptEncoder, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The tiny encoder exported once per session in every precision (about 10 s each)."""
-    folder = tmp_path_factory.mktemp("onnx")
-    return {p: export_concept_encoder(torch_encoder.module, folder / f"encoder-{p}.onnx", p)  # type: ignore[arg-type]
-            for p in ("fp32", "int8", "fp16")}
+# ---- the tiny encoder in ONNX: one session fixture per precision, each built only when a test asks for it ----------
 
+@pytest.fixture(scope="session")
+def onnx_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("onnx")
+
+
+@pytest.fixture(scope="session")
+def onnx_fp32(torch_encoder: TorchConceptEncoder, onnx_folder: Path) -> Path:
+    """The one export of the torch graph in fp32 (the slow step: about 10 s, minutes on a busy machine)."""
+    return export_concept_encoder(torch_encoder.module, onnx_folder / "encoder-fp32.onnx", "fp32")
+
+
+@pytest.fixture(scope="session")
+def onnx_int8(torch_encoder: TorchConceptEncoder, onnx_fp32: Path, onnx_folder: Path) -> Path:
+    """int8 from the fp32 file, as `export_concept_encoder(..., "int8")` does after its own fp32 export (the same
+    quantisation and metadata), without exporting the torch graph again (under a second)."""
+    scratch = onnx_folder / "int8-scratch"
+    scratch.mkdir()
+    graph = scratch / "encoder.onnx"
+    shutil.copyfile(onnx_fp32, graph)
+    model = onnx.load(str(_quantize_int8(graph)))
+    del model.metadata_props[:]
+    for key, value in encoder_metadata(torch_encoder.module, "int8").items():
+        model.metadata_props.add(key=key, value=value)
+    out = onnx_folder / "encoder-int8.onnx"
+    onnx.save(model, str(out))
+    shutil.rmtree(scratch)
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_fp16(torch_encoder: TorchConceptEncoder, onnx_folder: Path) -> Path:
+    """fp16 is a half-precision export of the torch graph in `export_concept_encoder`, so it is exported here too."""
+    return export_concept_encoder(torch_encoder.module, onnx_folder / "encoder-fp16.onnx", "fp16")
+
+
+class _LazyExports(Mapping[str, Path]):
+    """`exported[precision]` builds (once per session) only the precision a test reads."""
+
+    def __init__(self, request: pytest.FixtureRequest) -> None:
+        self._request = request
+
+    def __getitem__(self, precision: str) -> Path:
+        if precision not in PRECISIONS:
+            raise KeyError(precision)
+        path: Path = self._request.getfixturevalue(f"onnx_{precision}")
+        return path
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(PRECISIONS)
+
+    def __len__(self) -> int:
+        return len(PRECISIONS)
+
+
+@pytest.fixture
+def exported(request: pytest.FixtureRequest) -> Mapping[str, Path]:
+    """The exported encoder by precision; prefer the `onnx_<precision>` fixtures where the precision is fixed."""
+    return _LazyExports(request)
+
+
+# ---- Prefect ------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
-    """Prefect's test harness (a temporary database and API in this process), one per session for every test
-    that runs a flow. Telemetry is off before Prefect is first imported."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
+    """Prefect's test harness (a temporary database and an API server subprocess), one per session for every test
+    that runs a flow. It waits for the server as long as the ephemeral start-up timeout set above (180 s unless the
+    environment says otherwise), not its own 30 s default."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    startup_timeout = int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+    with prefect_test_harness(server_startup_timeout=startup_timeout):
         yield

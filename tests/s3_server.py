@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from moto.server import ThreadedMotoServer
 
-from elite.storage import StorageSettings
+from elite.data.storage import StorageSettings
 
 BUCKET = "elite-test"
 
@@ -55,7 +55,7 @@ class MotoS3:
         return StorageSettings(**(values | overrides))
 
     def create_bucket(self) -> None:
-        from elite.storage import S3Store
+        from elite.data.storage import S3Store
 
         S3Store(self.bucket, "", self.settings()).client.create_bucket(Bucket=self.bucket)
 

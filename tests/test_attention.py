@@ -7,8 +7,8 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
-from elite.attention import EliteAttnProcessor, LocalInjection, elite_attention
-from elite.pipeline import ElitePipeline
+from elite.model.attention import EliteAttnProcessor, LocalInjection, elite_attention
+from elite.model.pipeline import ElitePipeline
 
 HEADS, HEAD_DIM, QUERY_DIM, TEXT_DIM, PATCHES, CONTEXT = 2, 8, 16, 12, 9, 7
 

@@ -19,8 +19,8 @@ from corpus import CMYK_BLOCKS, Case, H, W, corpus, disc, ramp16, write_folder, 
 from PIL import Image
 
 from elite.errors import InputError
-from elite.preprocessing import CLIP_MEAN, CLIP_STD, ConceptPreprocessor, PreparedConcept, open_image, to_rgb
-from elite.tiny import TinyModels
+from elite.model.preprocessing import CLIP_MEAN, CLIP_STD, ConceptPreprocessor, PreparedConcept, open_image, to_rgb
+from elite.model.tiny import TinyModels
 
 # before Prefect is imported (by the fixture below): no telemetry from tests
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -149,7 +149,7 @@ def test_a_decompression_bomb_is_refused_before_decoding() -> None:
     """In a fresh process, so that its peak memory is this open's: 10^10 pixels would take 10 GB."""
     script = ("import resource, sys\n"
               "from elite.errors import InputError\n"
-              "from elite.preprocessing import open_image\n"
+              "from elite.model.preprocessing import open_image\n"
               "data = sys.stdin.buffer.read()\n"
               "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
               "try:\n    open_image(data, name='bomb')\nexcept InputError as err:\n    print(err)\n"
@@ -177,7 +177,7 @@ def _failures_file(uri: str) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("layout", ["folder", "manifest"])
 def test_encode_flow_reports_every_bad_case_once(layout: str, prefect_harness: None, tiny_models: TinyModels,
                                                  concepts_dir: Path, tmp_path: Path) -> None:
-    from elite.storage import embedding_store
+    from elite.data.storage import embedding_store
     from flows.encode import encode_concepts
 
     folder = tmp_path / "concepts"

@@ -8,12 +8,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from elite.checkpoints import convert_checkpoint, load_mapper, read_state_dict
-from elite.cli import main
 from elite.errors import CheckpointError
-from elite.mappers import GlobalMapper, LocalMapper, MapperConfig
-from elite.pipeline import unet_cross_attention_layers
-from elite.tiny import TinyModels
+from elite.model.checkpoints import convert_checkpoint, load_mapper, read_state_dict
+from elite.model.loading import unet_cross_attention_layers
+from elite.model.mappers import GlobalMapper, LocalMapper, MapperConfig
+from elite.model.tiny import TinyModels
+from elite_cli.main import main
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ def test_entrypoint_and_parameters(project: dict[str, Any], name: str, flow_name
 
 
 def test_job_variables_are_settings_elite_reads(project: dict[str, Any]) -> None:
-    from elite.storage import StorageSettings, storage_settings_from_env
+    from elite.data.storage import StorageSettings, storage_settings_from_env
     from flows.personalize import MODEL_ENV
 
     s3_names = {f"ELITE_S3_{field.name.upper()}" for field in dataclasses.fields(StorageSettings)}

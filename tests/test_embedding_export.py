@@ -1,4 +1,4 @@
-"""elite.embedding_export and the export flow: every format read back against the store, filters, sharding,
+"""elite.data.export and the export flow: every format read back against the store, filters, sharding,
 the textual-inversion file in diffusers, and the flow on a folder and on a (moto) S3 server."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 import safetensors.numpy
 
-from elite.concepts import load_embeddings
-from elite.embedding_export import export_embeddings, plan_export
+from elite.data.export import export_embeddings, plan_export
+from elite.data.storage import open_store
+from elite.data.store import EmbeddingRecord, EmbeddingStore, StoredArrays, sha256_bytes
 from elite.errors import InputError
-from elite.storage import open_store
-from elite.store import EmbeddingRecord, EmbeddingStore, StoredArrays, sha256_bytes
-from elite.tiny import TEXT_DIM, TinyModels
+from elite.model.concepts import load_embeddings
+from elite.model.tiny import TEXT_DIM, TinyModels
 
 if TYPE_CHECKING:
     from s3_server import MotoS3  # only for types: see s3_server's docstring
@@ -93,7 +93,7 @@ def test_parquet_shards_round_trip(store_dir: Path, stored: StoredArrays, tmp_pa
     assert table.column("mask_sha256").to_pylist() == stored.mask_sha256
     assert table.column("source_uri").to_pylist() == stored.source_uris
     assert set(table.column("encoder_id").to_pylist()) == {"enc-a"}
-    layout = json.loads(pq.read_schema(out / "embeddings-00000.parquet").metadata[b"elite.export"])
+    layout = json.loads(pq.read_schema(out / "embeddings-00000.parquet").metadata[b"elite.model.onnx_export"])
     assert layout["words"] == [5, TEXT_DIM] and layout["local_tokens"] == [GRID * GRID, TEXT_DIM]
 
     # readable without elite: DuckDB over the shard glob, SQL lists 1-based

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from elite.cli import main
-from elite.concepts import find_concepts, load_embeddings
-from elite.onnx_encoder import OnnxConceptEncoder
-from elite.tiny import TinyModels
+from elite.data.sources import find_concepts
+from elite.model.concepts import load_embeddings
+from elite.model.onnx_encoder import OnnxConceptEncoder
+from elite.model.tiny import TinyModels
+from elite_cli.main import main
 
 
 def _model_args(tiny: TinyModels, vision: bool = True) -> list[str]:
@@ -144,7 +145,7 @@ def test_concept_ids_cannot_escape_the_output_folder(tiny_models: TinyModels, tm
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
-    from elite.concepts import ConceptEmbedding, save_embeddings
+    from elite.model.concepts import ConceptEmbedding, save_embeddings
 
     emb = tmp_path / "evil.safetensors"
     save_embeddings(emb, [ConceptEmbedding("../evil", torch.zeros(5, 32), torch.zeros(256, 32), torch.ones(16, 16))])

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from elite.data.storage import ObjectStore, S3Store, embedding_store, open_store
 from elite.fileio import sha256_bytes
-from elite.storage import ObjectStore, S3Store, embedding_store, open_store
-from elite.tiny import TinyModels
+from elite.model.tiny import TinyModels
 
 if TYPE_CHECKING:
     from s3_server import MotoS3

@@ -3,9 +3,9 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel
 
-from elite.checkpoints import expected_shapes
-from elite.configs import SD1_CROSS_ATTENTION_LAYERS, SD14_UNET_CONFIG
-from elite.mappers import GlobalMapper, LocalMapper, MapperConfig, cross_attention_layers
+from elite.model.checkpoints import expected_shapes
+from elite.model.configs import SD1_CROSS_ATTENTION_LAYERS, SD14_UNET_CONFIG
+from elite.model.mappers import GlobalMapper, LocalMapper, MapperConfig, cross_attention_layers
 
 
 def release_layout() -> dict[str, tuple[int, ...]]:

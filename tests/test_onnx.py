@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from elite.concepts import find_concepts
-from elite.encoder import TorchConceptEncoder, state_digest
+from elite.data.sources import find_concepts
 from elite.errors import CheckpointError, InputError
-from elite.onnx_encoder import OnnxConceptEncoder
+from elite.model.encoder import TorchConceptEncoder, state_digest
+from elite.model.onnx_encoder import OnnxConceptEncoder
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,10 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
-def test_fp32_onnx_matches_torch_on_the_shared_concepts(torch_encoder: TorchConceptEncoder, exported: dict,
+def test_fp32_onnx_matches_torch_on_the_shared_concepts(torch_encoder: TorchConceptEncoder, onnx_fp32: Path,
                                                         shared: tuple, batch: int) -> None:
     ids, images, masks = shared
-    onnx_encoder = OnnxConceptEncoder(exported["fp32"])
+    onnx_encoder = OnnxConceptEncoder(onnx_fp32)
     for start in range(0, len(ids), batch):
         chunk = slice(start, start + batch)
         ref_words, ref_local = _stack(torch_encoder.encode(images[chunk], masks[chunk], ids[chunk]))
@@ -44,17 +44,20 @@ def test_fp32_onnx_matches_torch_on_the_shared_concepts(torch_encoder: TorchConc
             assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
-def test_int8_and_fp16_stay_close(torch_encoder: TorchConceptEncoder, exported: dict, shared: tuple) -> None:
+def test_int8_and_fp16_stay_close(torch_encoder: TorchConceptEncoder, onnx_int8: Path, onnx_fp16: Path,
+                                  shared: tuple) -> None:
     ids, images, masks = shared
     ref_words, ref_local = _stack(torch_encoder.encode(images, masks, ids))
-    for precision in ("int8", "fp16"):
-        words, local = _stack(OnnxConceptEncoder(exported[precision]).encode(images, masks, ids))
+    for precision, path in (("int8", onnx_int8), ("fp16", onnx_fp16)):
+        words, local = _stack(OnnxConceptEncoder(path).encode(images, masks, ids))
         assert _cosine(words.flatten(0, 1), ref_words.flatten(0, 1)).min() >= 0.99, precision
         assert _cosine(local.flatten(0, 1), ref_local.flatten(0, 1)).min() >= 0.99, precision
         assert torch.equal(local.norm(dim=-1) > 0, ref_local.norm(dim=-1) > 0)  # the mask is exact
 
 
-def test_metadata_and_encoder_ids(torch_encoder: TorchConceptEncoder, exported: dict) -> None:
+def test_metadata_and_encoder_ids(torch_encoder: TorchConceptEncoder, onnx_fp32: Path, onnx_int8: Path,
+                                  onnx_fp16: Path) -> None:
+    exported = {"fp32": onnx_fp32, "int8": onnx_int8, "fp16": onnx_fp16}
     encoders = {p: OnnxConceptEncoder(path) for p, path in exported.items()}
     meta = encoders["int8"].metadata
     assert meta["elite.precision"] == "int8" and meta["elite.feature_layers"] == "4,8,12,16"
@@ -67,17 +70,17 @@ def test_metadata_and_encoder_ids(torch_encoder: TorchConceptEncoder, exported: 
     assert OnnxConceptEncoder(exported["fp32"]).encoder_id == encoders["fp32"].encoder_id
 
 
-def test_bad_files_and_inputs(exported: dict, tmp_path: Path) -> None:
+def test_bad_files_and_inputs(onnx_fp32: Path, tmp_path: Path) -> None:
     (tmp_path / "junk.onnx").write_bytes(b"\x08\x07junk" * 100)
     with pytest.raises(CheckpointError, match=r"junk\.onnx: not a loadable ONNX encoder"):
         OnnxConceptEncoder(tmp_path / "junk.onnx")
-    data = Path(exported["fp32"]).read_bytes()
+    data = onnx_fp32.read_bytes()
     (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 3])
     with pytest.raises(CheckpointError, match=r"cut\.onnx: not a loadable ONNX encoder"):
         OnnxConceptEncoder(tmp_path / "cut.onnx")
     with pytest.raises(CheckpointError, match="no such ONNX file"):
         OnnxConceptEncoder(tmp_path / "missing.onnx")
-    encoder = OnnxConceptEncoder(exported["fp32"])
+    encoder = OnnxConceptEncoder(onnx_fp32)
     good = np.zeros((2, 3, 224, 224), np.float32)
     with pytest.raises(InputError, match=r"pixel_values has shape \(2, 3, 64, 64\)"):
         encoder.run(np.zeros((2, 3, 64, 64), np.float32), good, np.ones((2, 16, 16), np.float32))

@@ -1,18 +1,19 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, LMSDiscreteScheduler
 from PIL import Image
 
-from elite.concepts import ConceptEmbedding
 from elite.errors import InputError
-from elite.pipeline import ElitePipeline
-from elite.text import encode_prompts
-from elite.tiny import TinyModels
+from elite.model.concepts import ConceptEmbedding
+from elite.model.pipeline import ElitePipeline
+from elite.model.text import encode_prompts
+from elite.model.tiny import TinyModels
 
 SMALL = {"num_inference_steps": 2, "height": 64, "width": 64, "show_progress": False}
 
@@ -126,3 +127,65 @@ def test_bfloat16_on_cpu_is_close_to_float32(tiny_models: TinyModels, pipe: Elit
     low = bf16("a photo of S", concepts[0], seed=1, output_type="np", **SMALL).images
     ref = pipe("a photo of S", concepts[0], seed=1, output_type="np", **SMALL).images
     assert np.abs(low - ref).mean() < 0.05
+
+
+def test_reference_scheduler_whatever_the_repo_says(tiny_models: TinyModels, pipe: ElitePipeline,
+                                                    concepts: list[ConceptEmbedding]) -> None:
+    repo_config = json.loads((tiny_models.pretrained_model / "scheduler" / "scheduler_config.json").read_text())
+    assert repo_config["timestep_spacing"] == "leading"  # as current diffusers saves it
+    from_repo = LMSDiscreteScheduler.from_pretrained(tiny_models.pretrained_model, subfolder="scheduler")
+    from_repo.set_timesteps(3)
+    assert from_repo.timesteps[0] == 667  # what reading the repo's config used to give
+    assert isinstance(pipe.scheduler, LMSDiscreteScheduler)
+    config = pipe.scheduler.config
+    assert (config.beta_schedule, config.beta_start, config.beta_end, config.num_train_timesteps) == (
+        "scaled_linear", 0.00085, 0.012, 1000)
+    copy = LMSDiscreteScheduler.from_config(pipe.scheduler.config)
+    copy.set_timesteps(3)
+    assert copy.timesteps.tolist() == [999.0, 499.5, 0.0]
+    copy.set_timesteps(100)
+    assert copy.timesteps[0] == 999 and copy.timesteps[-1] == 0
+    seen: list[float] = []  # the timesteps the UNet is actually called with
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(float(args[1])))
+    try:
+        pipe("a photo of S", concepts[0], seed=1, output_type="latent", **{**SMALL, "num_inference_steps": 3})
+    finally:
+        hook.remove()
+    assert seen == [999.0, 499.5, 0.0]
+
+
+def test_a_given_scheduler_is_used(tiny_models: TinyModels, pipe: ElitePipeline,
+                                   concepts: list[ConceptEmbedding]) -> None:
+    ddim = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    other = ElitePipeline.from_pretrained(tiny_models.pretrained_model, None, tiny_models.global_mapper,
+                                          tiny_models.local_mapper, scheduler=ddim)
+    assert other.scheduler is ddim
+    seen: list[float] = []
+    hook = other.unet.register_forward_pre_hook(lambda module, args: seen.append(float(args[1])))
+    try:
+        out = other("a photo of S", concepts[0], seed=1, output_type="np", **SMALL).images
+    finally:
+        hook.remove()
+    assert seen == [501.0, 1.0]  # DDIM's own "leading" spacing with steps_offset 1, not LMS's 999, 0
+    same = pipe("a photo of S", concepts[0], seed=1, output_type="np", scheduler=ddim, **SMALL).images
+    np.testing.assert_array_equal(out, same)
+    with pytest.raises(InputError, match="scheduler must be a diffusers scheduler, got a dict"):
+        ElitePipeline.from_pretrained(tiny_models.pretrained_model, None, tiny_models.global_mapper,
+                                      tiny_models.local_mapper, scheduler={"name": "lms"})
+
+
+def test_device_and_dtype_arguments(tiny_models: TinyModels) -> None:
+    auto = ElitePipeline.from_pretrained(tiny_models.pretrained_model, None, tiny_models.global_mapper,
+                                         tiny_models.local_mapper, device="auto", torch_dtype="auto")
+    gpu = torch.cuda.is_available()
+    assert auto.device == torch.device("cuda:0" if gpu else "cpu")
+    assert auto.dtype == (torch.float16 if gpu else torch.float32)
+    named = ElitePipeline.from_pretrained(tiny_models.pretrained_model, None, tiny_models.global_mapper,
+                                          tiny_models.local_mapper, device="cpu", torch_dtype="bfloat16")
+    assert named.dtype == torch.bfloat16 and next(named.global_mapper.parameters()).dtype == torch.bfloat16
+    with pytest.raises(InputError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu0'"):
+        ElitePipeline.from_pretrained(tiny_models.pretrained_model, None, tiny_models.global_mapper,
+                                      tiny_models.local_mapper, device="gpu0")
+    with pytest.raises(InputError, match="dtype must be 'auto', 'float32', 'float16' or 'bfloat16', got 'fp8'"):
+        ElitePipeline.from_pretrained(tiny_models.pretrained_model, None, tiny_models.global_mapper,
+                                      tiny_models.local_mapper, torch_dtype="fp8")

@@ -23,13 +23,16 @@ import httpx
 import pytest
 import yaml
 
-from elite.tiny import TinyModels
+from elite.model.tiny import TinyModels
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 FIRST = ("1", "4")  # 1.jpg and 4.png, with their masks
 ADDED = "2"  # added to the catalog before the served deployment runs
 SMALL = {"steps": 2, "height": 64, "width": 64}
+# How long a process may take to come up (the server answering /api/health, `flows.serve` registering its deployments):
+# polled until then. Generous: on a busy 2-core machine a Prefect API took 13-32 s to start.
+STARTUP_TIMEOUT = 180
 RUN_FLOW = """
 import json, sys
 from flows.personalize import personalize_catalog
@@ -153,7 +156,7 @@ def test_flows_and_deployments_on_a_real_server(tiny_models: TinyModels, concept
         server = stack.enter_context(_started(
             [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--no-scheduler"],
             _env(tmp_path / "server-home", api_url), server_log, tmp_path))
-        _wait("the server's /api/health", lambda: _healthy(api_url), 120, server, server_log)
+        _wait("the server's /api/health", lambda: _healthy(api_url), STARTUP_TIMEOUT, server, server_log)
         stack.enter_context(temporary_settings({PREFECT_API_URL: api_url}))
         client = stack.enter_context(get_client(sync_client=True))
 
@@ -222,7 +225,7 @@ def test_flows_and_deployments_on_a_real_server(tiny_models: TinyModels, concept
             found = client.read_deployment_by_name("personalize-catalog/personalize-catalog")
             return found if found.entrypoint == "flows.personalize.personalize_catalog" else None
 
-        taken = _wait("the served deployment", served, 90, serve, serve_log)
+        taken = _wait("the served deployment", served, STARTUP_TIMEOUT, serve, serve_log)
         assert (taken.work_pool_name, taken.pull_steps, taken.parameters["steps"]) == (None, None, 2)
         flow_run = run_deployment("personalize-catalog/personalize-catalog", timeout=240, poll_interval=1)
         assert flow_run.state_type == StateType.COMPLETED, f"{flow_run.state}\n{_tail(serve_log)}"

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from elite.errors import InputError
-from elite.preprocessing import CLIP_MEAN, CLIP_STD, ConceptPreprocessor, open_image, to_rgb
+from elite.model.preprocessing import CLIP_MEAN, CLIP_STD, ConceptPreprocessor, open_image, to_rgb
 
 PRE = ConceptPreprocessor()
 

@@ -5,11 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from elite.data.prompts import PromptSpec, batch_work, derive_seed, plan_work, read_prompts
+from elite.data.sources import ConceptRef, list_concepts, read_manifest
+from elite.data.storage import open_store
 from elite.errors import InputError
-from elite.pipeline import derive_seed
-from elite.prompts import PromptSpec, batch_work, plan_work, read_prompts
-from elite.sources import ConceptRef, list_concepts, read_manifest
-from elite.storage import open_store
 
 # ---- folder convention ---------------------------------------------------------------------------
 
@@ -87,7 +86,7 @@ def test_non_strict_manifest_collects_failures_and_carries_on(tmp_path: Path) ->
     store.put("m.csv", b"concept_id,image\na,a.jpg\n,b.jpg\nc,c.jpg,extra\na,d.jpg\ne,e.jpg\n")
     refs, failures = read_manifest(store, "m.csv", strict=False)
     assert [r.concept_id for r in refs] == ["a", "e"]
-    assert [(f.item, f.stage) for f in failures] == [("m.csv:3", "manifest"), ("m.csv:4", "manifest"),
+    assert [(f.uri.rpartition('/')[2], f.stage) for f in failures] == [("m.csv:3", "manifest"), ("m.csv:4", "manifest"),
                                                      ("m.csv:5", "manifest")]
     assert "concept_id is missing" in failures[0].reason
     assert "3 fields" in failures[1].reason
@@ -128,7 +127,7 @@ def test_prompts_without_the_placeholder_are_named_by_line() -> None:
     specs, failures = read_prompts(b'{"prompt": "a S"}\n{"prompt": "a dog"}\n{"prompt": "S", "image": 2}\n'
                                    b'{"prompt": "S", "images": 2, "seeds": [1]}\n', "p.jsonl", strict=False)
     assert specs == [PromptSpec("a S")]
-    assert [f.item for f in failures] == ["p.jsonl:2", "p.jsonl:3", "p.jsonl:4"]
+    assert [f.uri for f in failures] == ["p.jsonl:2", "p.jsonl:3", "p.jsonl:4"]
     assert "unknown field(s) image" in failures[1].reason
     assert "1 seeds for 2 images" in failures[2].reason
 

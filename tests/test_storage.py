@@ -1,4 +1,4 @@
-"""elite.storage: the same behaviour suite on a local folder and on a real (moto) S3 server."""
+"""elite.data.storage: the same behaviour suite on a local folder and on a real (moto) S3 server."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from botocore.exceptions import EndpointConnectionError
 
-from elite.errors import InputError, StorageError
-from elite.storage import (
+from elite.data.storage import (
     LocalStore,
     ObjectStore,
     ObjectStorePartStorage,
@@ -25,7 +24,8 @@ from elite.storage import (
     open_store,
     storage_settings_from_env,
 )
-from elite.store import EmbeddingRecord, EmbeddingStore, LocalFolder
+from elite.data.store import EmbeddingRecord, EmbeddingStore, LocalFolder
+from elite.errors import InputError, StorageError
 
 if TYPE_CHECKING:
     from s3_server import MotoS3  # only for types: see s3_server's docstring

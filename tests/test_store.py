@@ -19,10 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import elite.store
-from elite.concepts import ConceptEmbedding
-from elite.errors import InputError, StorageError
-from elite.store import (
+import elite.data.store
+from elite.data.store import (
     SCHEMA_VERSION,
     EmbeddingRecord,
     EmbeddingStore,
@@ -30,6 +28,8 @@ from elite.store import (
     sha256_bytes,
     sha256_file,
 )
+from elite.errors import InputError, StorageError
+from elite.model.concepts import ConceptEmbedding
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,7 +124,7 @@ def test_duplicates_are_skipped(tmp_path: Path) -> None:
 KILLED_WRITER = r"""
 import sys
 import numpy as np
-from elite.store import EmbeddingRecord, EmbeddingStore, sha256_bytes
+from elite.data.store import EmbeddingRecord, EmbeddingStore, sha256_bytes
 
 rows = int(sys.argv[2])
 rng = np.random.default_rng(1)
@@ -191,7 +191,7 @@ def test_duckdb_reads_the_parts(tmp_path: Path) -> None:
 
 def test_schema_version_mismatch_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     EmbeddingStore(tmp_path).append([make_record(1)])
-    monkeypatch.setattr(elite.store, "SCHEMA_VERSION", SCHEMA_VERSION + 1)  # a part from a future release
+    monkeypatch.setattr(elite.data.store, "SCHEMA_VERSION", SCHEMA_VERSION + 1)  # a part from a future release
     future = EmbeddingStore(tmp_path / "future").append([make_record(2)]).part
     assert future is not None
     monkeypatch.undo()

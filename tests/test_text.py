@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from elite.errors import InputError
-from elite.pipeline import ElitePipeline
-from elite.text import encode_prompts, tokenize_with_placeholders
+from elite.model.pipeline import ElitePipeline
+from elite.model.text import encode_prompts, tokenize_with_placeholders
 
 
 def _ids(pipe: ElitePipeline, text: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""The placeholder rule, shared by prompt encoding (elite.text) and prompt files (elite.prompts).
+"""The placeholder rule, shared by prompt encoding (elite.model.text) and prompt files (elite.data.prompts).
 
 Kept free of torch and transformers so planning prompts does not load the models' libraries.
 """

@@ -1,11 +1,13 @@
 """Bulk export of the embedding store: selected concepts -> sharded files on a folder or S3, plus a manifest.
 
-    export_embeddings("embeddings/", "s3://bucket/exports/run-1", "parquet", where={"class_word": "dog"})
+    plan = plan_export("embeddings/", "s3://bucket/exports/run-1", "parquet", where={"class_word": "dog"})
+    write_manifest(plan, [f for n, ids in enumerate(plan.shards) for f in write_shard(plan.job, n, ids)])
 
+The job that runs these (elite.jobs.export.export_embeddings) serves `elite export` and the export flow.
 Formats (layouts: docs/export.md):
 
 - `parquet`            one self-describing Parquet file per shard, `embeddings-<shard:05d>.parquet`
-- `safetensors`        elite's embeddings file per shard (`elite.concepts.load_embeddings`, `elite generate`)
+- `safetensors`        elite's embeddings file per shard (`elite.model.concepts.load_embeddings`, `elite generate`)
 - `numpy`              one `.npz` per shard: concept_ids, encoder_ids, words, local_tokens, mask_grid
 - `textual-inversion`  one diffusers textual-inversion file per concept, `<concept_id>.safetensors`: w0 only
 
@@ -30,10 +32,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import safetensors.numpy
 
+from elite.data.storage import check_key, embedding_store, open_store
+from elite.data.store import EmbeddingStore, embeddings_from_arrays
+from elite.data.store_format import CORE_COLUMNS, TENSOR_COLUMNS, MetadataValue, StoredArrays
 from elite.errors import InputError, StorageError
 from elite.fileio import sha256_bytes, sha256_file
-from elite.storage import check_key, embedding_store, open_store
-from elite.store import CORE_COLUMNS, TENSOR_COLUMNS, EmbeddingStore, MetadataValue, StoredArrays
+from elite.model.concepts import save_embeddings
 
 __all__ = [
     "DEFAULT_TOKEN_TEMPLATE",
@@ -42,7 +46,6 @@ __all__ = [
     "ExportJob",
     "ExportPlan",
     "ExportedFile",
-    "export_embeddings",
     "plan_export",
     "write_manifest",
     "write_shard",
@@ -53,7 +56,7 @@ TEXTUAL_INVERSION = "textual-inversion"
 DEFAULT_TOKEN_TEMPLATE = "<{concept_id}>"
 MANIFEST_KEY = "manifest.json"
 MANIFEST_VERSION = 1
-PARQUET_FORMAT = b"elite.export"  # footer key of each exported Parquet file: JSON with the format and shapes
+PARQUET_FORMAT = b"elite.model.onnx_export"  # footer key of each exported Parquet file: JSON with the format and shapes
 # Concepts per Parquet row group, and per store read while writing one: 64 x 768 KiB of float32 local tokens
 PARQUET_ROW_GROUP_ROWS = 64
 _SUFFIX = {"parquet": "parquet", "safetensors": "safetensors", "numpy": "npz"}
@@ -225,14 +228,7 @@ def _write_numpy(path: Path, arrays: StoredArrays) -> None:
 
 
 def _write_safetensors(path: Path, job: ExportJob, arrays: StoredArrays) -> None:
-    import torch  # here: the other formats need no torch
-
-    from elite.concepts import ConceptEmbedding, save_embeddings
-
-    concepts = [ConceptEmbedding(cid, torch.from_numpy(arrays.words[i]),
-                                 torch.from_numpy(arrays.local_tokens[i].astype(np.float32)),
-                                 torch.from_numpy(arrays.mask_grid[i].astype(np.float32)))
-                for i, cid in enumerate(arrays.concept_ids)]
+    concepts = embeddings_from_arrays(arrays)
     encoders = sorted(set(arrays.encoder_ids))
     header = {"encoder_ids": json.dumps(encoders), "exported_from": job.store_uri}
     if len(encoders) == 1:
@@ -316,12 +312,3 @@ def write_manifest(plan: ExportPlan, files: Sequence[ExportedFile]) -> dict[str,
     dest.put(MANIFEST_KEY, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     return {**manifest, "manifest_uri": dest.uri(MANIFEST_KEY)}
 
-
-def export_embeddings(store_uri: str | os.PathLike[str], dest_uri: str | os.PathLike[str],
-                      format: str = "parquet", *, concept_ids: Sequence[str] | None = None,
-                      where: Mapping[str, Any] | None = None, encoder_id: str | None = None,
-                      shard_size: int = 1000, token_template: str = DEFAULT_TOKEN_TEMPLATE) -> dict[str, Any]:
-    """Plan, write every shard in turn, then the manifest; returns the manifest with `manifest_uri` added."""
-    plan = plan_export(store_uri, dest_uri, format, concept_ids=concept_ids, where=where, encoder_id=encoder_id,
-                       shard_size=shard_size, token_template=token_template)
-    return write_manifest(plan, [f for n, ids in enumerate(plan.shards) for f in write_shard(plan.job, n, ids)])

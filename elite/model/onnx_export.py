@@ -24,9 +24,9 @@ import onnx
 import torch
 
 import elite
-from elite.encoder import ConceptEncoderModule, state_digest
 from elite.errors import InputError
 from elite.fileio import atomic_path
+from elite.model.encoder import ConceptEncoderModule, state_digest
 
 Precision = Literal["fp32", "fp16", "int8"]
 OPSET = 18

@@ -25,7 +25,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from elite.errors import InputError
-from elite.mappers import GlobalMapper, LocalMapper
+from elite.model.mappers import GlobalMapper, LocalMapper
 
 Normalization = Literal["per_sample", "batch"]
 

@@ -1,4 +1,4 @@
-"""Concept embeddings, the embeddings file, and concept folders (`N.jpg` + optional `N_bg.png`)."""
+"""Concept embeddings and the embeddings file (one safetensors file of several concepts)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from elite.checkpoints import save_safetensors
 from elite.errors import InputError, StorageError
+from elite.model.checkpoints import save_safetensors
 
 EMBEDDINGS_FORMAT = "elite-embeddings"
 EMBEDDINGS_VERSION = "1"
@@ -30,26 +30,6 @@ class ConceptEmbedding:
     @property
     def primary_word(self) -> torch.Tensor:
         return self.words[0]  # (text_dim,)
-
-
-@dataclass(frozen=True)
-class ConceptSource:
-    concept_id: str
-    image: Path
-    mask: Path | None
-
-
-def find_concepts(folder: str | os.PathLike[str]) -> list[ConceptSource]:
-    """Concepts of a local folder as paths, by the convention of `elite.sources.list_concepts` (which serves
-    any store): every image not ending in `_bg.png`, with `<name>_bg.png` as its mask if present."""
-    from elite.sources import list_concepts  # elite.sources imports boto3 (via elite.storage): only when used
-    from elite.storage import LocalStore
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise InputError(f"{root}: not a folder")
-    return [ConceptSource(ref.concept_id, root / ref.image, None if ref.mask is None else root / ref.mask)
-            for ref in list_concepts(LocalStore(root))]
 
 
 def save_embeddings(path: str | os.PathLike[str], concepts: list[ConceptEmbedding],

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from elite.configs import SD1_CROSS_ATTENTION_LAYERS
+from elite.model.configs import SD1_CROSS_ATTENTION_LAYERS
 
 
 @dataclass(frozen=True)

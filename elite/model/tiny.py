@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
 
-from elite.mappers import GlobalMapper, LocalMapper, MapperConfig, cross_attention_layers
+from elite.model.mappers import GlobalMapper, LocalMapper, MapperConfig, cross_attention_layers
 
 TEXT_DIM = 32
 VISION_DIM = 32

@@ -16,10 +16,10 @@ from typing import TypeVar
 import safetensors.torch
 import torch
 
-from elite.configs import SD1_CROSS_ATTENTION_LAYERS
 from elite.errors import CheckpointError
 from elite.fileio import atomic_path
-from elite.mappers import GlobalMapper, LocalMapper, MapperConfig, _Mapper
+from elite.model.configs import SD1_CROSS_ATTENTION_LAYERS
+from elite.model.mappers import GlobalMapper, LocalMapper, MapperConfig, _Mapper
 
 MapperT = TypeVar("MapperT", GlobalMapper, LocalMapper)
 

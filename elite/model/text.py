@@ -20,7 +20,7 @@ import torch
 from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
 from elite.errors import InputError
-from elite.placeholders import placeholder_pattern
+from elite.model.placeholders import placeholder_pattern
 
 
 @dataclass(frozen=True)

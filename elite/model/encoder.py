@@ -10,14 +10,14 @@ from typing import Protocol
 import torch
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import CLIPVisionModel
 
-from elite.checkpoints import load_mapper
-from elite.concepts import ConceptEmbedding, ConceptSource
-from elite.errors import CheckpointError, Failure, InputError
-from elite.mappers import GlobalMapper, LocalMapper
-from elite.preprocessing import ConceptPreprocessor, open_image
+from elite.errors import CheckpointError, InputError
+from elite.model.checkpoints import load_mapper
+from elite.model.concepts import ConceptEmbedding
+from elite.model.devices import DeviceArg, DtypeArg, check_torch_device, resolve_device, resolve_dtype
+from elite.model.mappers import GlobalMapper, LocalMapper
+from elite.model.preprocessing import ConceptPreprocessor
 
 FEATURE_LAYERS = (4, 8, 12, 16)  # method doc: hidden_states indices used after the last layer's output
 
@@ -28,6 +28,11 @@ class ConceptEncoder(Protocol):
     @property
     def encoder_id(self) -> str:
         """Identifies the weights (and engine): stored with every embedding, part of the dedupe key."""
+        ...
+
+    @property
+    def device(self) -> str:
+        """Where it encodes ("cpu", "cuda:0"), for jobs to report."""
         ...
 
     def encode(self, images: Sequence[Image.Image], masks: Sequence[Image.Image | None] | None = None,
@@ -97,27 +102,32 @@ class PreprocessingEncoder:
 class TorchConceptEncoder(PreprocessingEncoder):
     """Encode concept images with PyTorch; preprocessing travels with the model so they cannot drift."""
 
-    def __init__(self, module: ConceptEncoderModule, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, module: ConceptEncoderModule, device: DeviceArg = "cpu", dtype: DtypeArg = torch.float32,
+                 ) -> None:
+        """`device`, `dtype`: as `elite.model.devices` reads them ("auto": the GPU in float16, else the CPU in
+        float32). The explicit CPU float32 default keeps direct users (tests, exports) on the exact reference."""
+        where = check_torch_device(resolve_device(device))
+        self.dtype = resolve_dtype(dtype, where)
+        self.device: str = str(where)  # where it encodes, as jobs report it ("cpu", "cuda:0")
         config = module.vision_model.config
-        self.module = module.to(device=device, dtype=dtype).eval()
+        self.module = module.to(device=where, dtype=self.dtype).eval()
         self.preprocessor = ConceptPreprocessor(config.image_size, config.image_size // config.patch_size)
-        self.device = torch.device(device)
-        self.dtype = dtype
         self._encoder_id: str | None = None
 
     @classmethod
     def from_pretrained(cls, vision_model: str | os.PathLike[str], global_mapper: str | os.PathLike[str],
                         local_mapper: str | os.PathLike[str],
                         cross_attention_layers: tuple[tuple[str, int], ...] | None = None,
-                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        device: DeviceArg = "cpu", dtype: DtypeArg = torch.float32,
                         ) -> TorchConceptEncoder:
         """Load a CLIP vision tower (hub id or folder) and the two mapper files (`.pt` or safetensors)."""
-        vision = CLIPVisionModel.from_pretrained(vision_model, torch_dtype=dtype)
-        glob = load_mapper(GlobalMapper, global_mapper, cross_attention_layers, dtype=dtype)
-        local = load_mapper(LocalMapper, local_mapper, cross_attention_layers, dtype=dtype)
+        where = check_torch_device(resolve_device(device))  # before any weight is read: a bad device fails fast
+        torch_dtype = resolve_dtype(dtype, where)
+        vision = CLIPVisionModel.from_pretrained(vision_model, torch_dtype=torch_dtype)
+        glob = load_mapper(GlobalMapper, global_mapper, cross_attention_layers, dtype=torch_dtype)
+        local = load_mapper(LocalMapper, local_mapper, cross_attention_layers, dtype=torch_dtype)
         check_vision_model(vision, glob, str(vision_model))
-        return cls(ConceptEncoderModule(vision, glob, local), device=device, dtype=dtype)
+        return cls(ConceptEncoderModule(vision, glob, local), device=where, dtype=torch_dtype)
 
     @property
     def encoder_id(self) -> str:
@@ -140,69 +150,3 @@ def state_digest(module: nn.Module) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def encode_isolated(encoder: ConceptEncoder, items: Sequence[tuple[str, Image.Image, Image.Image | None]],
-                    ) -> tuple[list[ConceptEmbedding], list[Failure]]:
-    """Encode (concept id, image, mask) items as one batch; if one item spoils it, encode one by one."""
-    if not items:
-        return [], []
-    try:
-        return encoder.encode([x[1] for x in items], [x[2] for x in items], [x[0] for x in items]), []
-    except InputError:  # one bad item spoils the batch: encode one by one to isolate it
-        embeddings: list[ConceptEmbedding] = []
-        failures: list[Failure] = []
-        for concept_id, image, mask in items:
-            try:
-                embeddings += encoder.encode([image], [mask], [concept_id])
-            except InputError as err:
-                failures.append(Failure(concept_id, "preprocess", str(err)))
-        return embeddings, failures
-
-
-def encode_sources(encoder: ConceptEncoder, sources: Sequence[ConceptSource], batch_size: int = 8,
-                   show_progress: bool = True) -> tuple[list[ConceptEmbedding], list[Failure]]:
-    """Encode concept files in batches; a bad item is recorded as a Failure and the rest carry on."""
-    embeddings: list[ConceptEmbedding] = []
-    failures: list[Failure] = []
-    with tqdm(total=len(sources), desc="encoding", unit="concept", disable=not show_progress) as bar:
-        for start in range(0, len(sources), batch_size):
-            chunk = sources[start:start + batch_size]
-            loaded = []
-            for source in chunk:
-                try:
-                    image = open_image(source.image, name=source.concept_id)
-                    mask = open_image(source.mask, name=f"{source.concept_id} mask") if source.mask else None
-                    loaded.append((source.concept_id, image, mask))
-                except InputError as err:
-                    failures.append(Failure(source.concept_id, "read", str(err)))
-            encoded, bad = encode_isolated(encoder, loaded)
-            embeddings += encoded
-            failures += bad
-            bar.update(len(chunk))
-    return embeddings, failures
-
-
-def load_encoder(engine: str = "torch", *, onnx_path: str | os.PathLike[str] | None = None,
-                 vision_model: str | os.PathLike[str] | None = None,
-                 global_mapper: str | os.PathLike[str] | None = None,
-                 local_mapper: str | os.PathLike[str] | None = None,
-                 pretrained_model: str | os.PathLike[str] | None = None,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ConceptEncoder:
-    """An ONNX Runtime encoder (`engine="onnx"`) or a torch one; `pretrained_model` names the UNet whose
-    cross-attention layers the mapper files were built for (default: SD 1.x)."""
-    if engine == "onnx":
-        from elite.onnx_encoder import OnnxConceptEncoder
-
-        if not onnx_path:
-            raise InputError("engine 'onnx' needs an ONNX encoder file (write one with `elite export-onnx`)")
-        return OnnxConceptEncoder(onnx_path)
-    if engine != "torch":
-        raise InputError(f"engine must be 'torch' or 'onnx', got {engine!r}")
-    if not (vision_model and global_mapper and local_mapper):
-        raise InputError("engine 'torch' needs a vision model and both mapper files")
-    from elite.pipeline import unet_cross_attention_layers  # the pipeline module imports this one
-
-    layers = unet_cross_attention_layers(pretrained_model) if pretrained_model else None
-    return TorchConceptEncoder.from_pretrained(vision_model, global_mapper, local_mapper, layers,
-                                               device=device, dtype=dtype)

@@ -1,6 +1,7 @@
 """Prompt plans: which images to generate for which concepts, with reproducible seeds and output keys.
 
     read_prompts(data, name)                 PromptSpecs from a .txt, .jsonl or .csv prompt file
+    load_prompts(uri)                        the same from a path or URI, bad lines as failures
     plan_work(concepts, prompts, base_seed)  one WorkItem per (concept, prompt, image index) that applies
     batch_work(items, batch_size)            WorkItems in batches that keep a concept's images together
 
@@ -23,12 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
 
+from elite.data.sources import ConceptRef, jsonl_rows
+from elite.data.storage import open_object
 from elite.errors import Failure, InputError
-from elite.placeholders import placeholder_pattern
-from elite.sources import ConceptRef, jsonl_rows
+from elite.model.placeholders import placeholder_pattern
 
-__all__ = ["PromptSpec", "WorkItem", "batch_work", "plan_work", "read_prompts"]
+__all__ = ["DEFAULT_PROMPTS", "PromptSpec", "WorkItem", "batch_work", "derive_seed", "load_prompts", "plan_work",
+           "read_prompts"]
 
+DEFAULT_PROMPTS = ("a photo of a S on the beach", "a painting of a S in the style of van gogh")
 PROMPT_FIELDS = ("template", "prompt", "images", "concept_id", "class_word", "seeds")
 
 
@@ -40,7 +44,7 @@ class PromptSpec:
     images: int = 1  # images per concept it applies to
     concept_id: str | None = None  # only this concept
     class_word: str | None = None  # only concepts whose ConceptRef.class_word equals this
-    seeds: tuple[int, ...] | None = None  # one per image; None: derived (elite.pipeline.derive_seed)
+    seeds: tuple[int, ...] | None = None  # one per image; None: derived (derive_seed)
     placeholder: str = "S"  # paper / reference: "a photo of a S"
 
     def __post_init__(self) -> None:
@@ -97,7 +101,7 @@ def read_prompts(data: bytes | str | os.PathLike[str], name: str | None = None,
 
     `data` is a local path (then `name` defaults to it) or the file's bytes (e.g. `store.get(key)`, with the key
     as `name`). strict=True: the first bad line raises InputError naming it; strict=False: bad lines come back
-    as `Failure(item="<name>:<line>", stage="prompts", reason)` next to the good specs.
+    as `Failure("", uri="<name>:<line>", stage="prompts", reason)` next to the good specs.
     """
     if isinstance(data, bytes):
         if name is None:
@@ -127,7 +131,7 @@ def read_prompts(data: bytes | str | os.PathLike[str], name: str | None = None,
         except InputError as err:
             if strict:
                 raise InputError(f"{name} line {line}: {err}") from None
-            failures.append(Failure(f"{name}:{line}", "prompts", str(err)))
+            failures.append(Failure("", f"{name}:{line}", "prompts", str(err)))
     return specs if strict else (specs, failures)
 
 
@@ -178,6 +182,19 @@ def _prompt_spec(row: Mapping[str, Any]) -> PromptSpec:
                       row.get("class_word") or None, None if seeds is None else tuple(seeds))
 
 
+def load_prompts(uri: str | None) -> tuple[list[PromptSpec], list[Failure]]:
+    """The prompt file at a path or URI (.txt, .jsonl, .csv; docs/inputs.md), bad lines as failures; None: the
+    two default prompts. A file without a single usable prompt is an InputError: it would generate nothing."""
+    if uri is None:
+        return [PromptSpec(p) for p in DEFAULT_PROMPTS], []
+    store, key = open_object(uri)
+    specs, failures = read_prompts(store.get(key), store.uri(key), strict=False)
+    if not specs:
+        why = f"; {len(failures)} bad line(s), the first: {failures[0].reason}" if failures else ""
+        raise InputError(f"{store.uri(key)}: no prompts in the file (blank, or only comments){why}")
+    return specs, failures
+
+
 # ---- planning ------------------------------------------------------------------------------------
 
 def plan_work(concepts: Sequence[ConceptRef], prompts: Sequence[PromptSpec], base_seed: int = 0) -> list[WorkItem]:
@@ -189,8 +206,6 @@ def plan_work(concepts: Sequence[ConceptRef], prompts: Sequence[PromptSpec], bas
     concept twice with the same seeds (e.g. globally and for its class) would write the same images twice: it is
     an InputError naming both, rather than a silent de-duplication.
     """
-    from elite.pipeline import derive_seed  # lazily: elite.pipeline imports torch and diffusers
-
     items: list[WorkItem] = []
     seen: dict[str, PromptSpec] = {}
     for concept in concepts:
@@ -227,3 +242,9 @@ def batch_work(items: Sequence[WorkItem], batch_size: int) -> list[list[WorkItem
     # sorted() is stable, so each (concept, prompt) keeps its images in index order
     ordered = sorted(items, key=lambda i: (concept_rank[i.concept_id], prompt_rank[i.prompt]))
     return [ordered[start:start + batch_size] for start in range(0, len(ordered), batch_size)]
+
+
+def derive_seed(concept_id: str, prompt: str, index: int, base: int = 0) -> int:
+    """A deterministic seed per (concept, prompt, image index), so a rerun reproduces every image."""
+    digest = hashlib.sha256(f"{base}\x1f{concept_id}\x1f{prompt}\x1f{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # 63 bits: a valid torch seed

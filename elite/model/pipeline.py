@@ -7,7 +7,6 @@ normalised per sample by default, so an image does not depend on what else is in
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import os
 from collections.abc import Mapping, Sequence
@@ -22,17 +21,46 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel
 
-from elite.attention import LocalInjection, Normalization, elite_attention
-from elite.checkpoints import load_mapper
-from elite.concepts import ConceptEmbedding
-from elite.encoder import ConceptEncoderModule, TorchConceptEncoder, check_vision_model
 from elite.errors import CheckpointError, InputError
-from elite.mappers import GlobalMapper, LocalMapper, cross_attention_layers
-from elite.text import encode_prompts
+from elite.model.attention import LocalInjection, Normalization, elite_attention
+from elite.model.checkpoints import load_mapper
+from elite.model.concepts import ConceptEmbedding
+from elite.model.devices import DeviceArg, DtypeArg, check_torch_device, resolve_device, resolve_dtype
+from elite.model.encoder import ConceptEncoderModule, TorchConceptEncoder, check_vision_model
+from elite.model.mappers import GlobalMapper, LocalMapper, cross_attention_layers
+from elite.model.text import encode_prompts
 
 Binding = ConceptEmbedding | Mapping[str, ConceptEmbedding]  # one concept (for the default placeholder) or several
 ConceptsArg = Binding | Sequence[Binding]
 ImageArg = Image.Image | None
+
+
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """The method doc's "Reference inference settings", in one place: the pipeline's defaults."""
+
+    # method doc: LMS discrete scheduler, scaled_linear betas 0.00085 to 0.012, 1000 training steps
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    num_train_timesteps: int = 1000
+    # The reference's diffusers LMS spaced its steps linearly from t=999 down to 0 ("linspace"). Repos saved by
+    # current diffusers say "leading", which starts 100 steps at t=991 and 3 steps at 667, so the repo's
+    # scheduler config is not read at all.
+    timestep_spacing: str = "linspace"
+    num_inference_steps: int = 100  # method doc: 100 steps (the authors' demo uses 20)
+    guidance_scale: float = 5.0  # method doc: guidance scale 5
+    lambda_local: float = 0.8  # method doc: lambda 0.8
+    size: int = 512  # method doc: 512x512
+
+    def scheduler(self) -> LMSDiscreteScheduler:
+        """The reference sampler, whatever the model repo's own scheduler config says."""
+        return LMSDiscreteScheduler(beta_start=self.beta_start, beta_end=self.beta_end,
+                                    beta_schedule=self.beta_schedule, num_train_timesteps=self.num_train_timesteps,
+                                    timestep_spacing=self.timestep_spacing)
+
+
+REFERENCE = ReferenceSettings()
 
 
 @dataclass
@@ -70,25 +98,29 @@ class ElitePipeline:
     @classmethod
     def from_pretrained(cls, pretrained_model: str | os.PathLike[str], vision_model: str | os.PathLike[str] | None,
                         global_mapper: str | os.PathLike[str], local_mapper: str | os.PathLike[str],
-                        torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        ) -> ElitePipeline:
+                        torch_dtype: DtypeArg = None, device: DeviceArg = "cpu",
+                        scheduler: SchedulerMixin | None = None) -> ElitePipeline:
         """`pretrained_model`: an SD 1.x hub id or folder (diffusers layout); `vision_model`: a CLIP vision
-        tower id or folder (None: generation only); mappers: the release's `.pt` files or safetensors conversions."""
-        device = torch.device(device)
-        if torch_dtype == torch.float16 and device.type == "cpu":
-            raise InputError("float16 needs a CUDA device; use float32 or bfloat16 on the CPU")
+        tower id or folder (None: generation only); mappers: the release's `.pt` files or safetensors conversions.
+
+        `device`: "auto" (the first GPU, else the CPU), "cpu", "cuda" or "cuda:N"; `torch_dtype`: None or "auto"
+        (float16 on CUDA, float32 on the CPU), a name or a torch dtype. `scheduler`: the default sampler of
+        every call (default: the reference LMS, `REFERENCE.scheduler()`; the repo's scheduler is not read)."""
+        where = check_torch_device(resolve_device(device))  # before any weight is read: a bad device fails fast
+        torch_dtype = resolve_dtype(torch_dtype, where)
+        if scheduler is not None and not isinstance(scheduler, SchedulerMixin):
+            raise InputError(f"scheduler must be a diffusers scheduler, got a {type(scheduler).__name__}")
         kw: dict[str, Any] = {"torch_dtype": torch_dtype}
         unet = _load("UNet", UNet2DConditionModel, pretrained_model, subfolder="unet", **kw)
         vae = _load("VAE", AutoencoderKL, pretrained_model, subfolder="vae", **kw)
         text_encoder = _load("text encoder", CLIPTextModel, pretrained_model, subfolder="text_encoder", **kw)
         tokenizer = _load("tokenizer", CLIPTokenizer, pretrained_model, subfolder="tokenizer")
-        # Reference sampler: LMS on the model's own beta schedule (SD 1.x: scaled_linear 0.00085-0.012).
-        scheduler = _load("scheduler", LMSDiscreteScheduler, pretrained_model, subfolder="scheduler")
         image_encoder = _load("image encoder", CLIPVisionModel, vision_model, **kw) if vision_model else None
         layers = cross_attention_layers(unet)
         glob = load_mapper(GlobalMapper, global_mapper, layers, dtype=torch_dtype)
         local = load_mapper(LocalMapper, local_mapper, layers, dtype=torch_dtype)
-        return cls(vae, text_encoder, tokenizer, unet, scheduler, image_encoder, glob, local).to(device)
+        sampler = scheduler if scheduler is not None else REFERENCE.scheduler()  # a scheduler's len() is its steps
+        return cls(vae, text_encoder, tokenizer, unet, sampler, image_encoder, glob, local).to(where)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ElitePipeline:
         for module in (self.vae, self.text_encoder, self.unet, self.global_mapper, self.local_mapper):
@@ -123,15 +155,15 @@ class ElitePipeline:
         *,
         placeholder: str = "S",  # reference template "a photo of a S"
         negative_prompt: str | Sequence[str] = "",  # reference: empty unconditional prompt
-        lambda_local: float = 0.8,  # reference: lambda 0.8
-        guidance_scale: float = 5.0,  # reference: guidance 5
-        num_inference_steps: int = 100,  # reference: 100 (the authors' demo uses 20)
-        scheduler: SchedulerMixin | None = None,  # default: LMS, as the reference
+        lambda_local: float = REFERENCE.lambda_local,
+        guidance_scale: float = REFERENCE.guidance_scale,
+        num_inference_steps: int = REFERENCE.num_inference_steps,
+        scheduler: SchedulerMixin | None = None,  # default: the pipeline's (the reference LMS unless given at load)
         num_images_per_prompt: int = 1,
         seed: int | Sequence[int] | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
-        height: int = 512,
-        width: int = 512,
+        height: int = REFERENCE.size,
+        width: int = REFERENCE.size,
         output_type: str = "pil",  # "pil" | "np" | "pt" | "latent"
         attention_normalization: Normalization = "per_sample",
         show_progress: bool = True,
@@ -263,20 +295,3 @@ class ElitePipeline:
         rows = torch.arange(first_row, first_row + batch)
         return LocalInjection(rows.to(self.device), tokens.to(self.device, self.dtype), index.to(self.device),
                               weight.to(self.device), normalization)
-
-
-def unet_cross_attention_layers(pretrained_model: str | os.PathLike[str]) -> tuple[tuple[str, int], ...]:
-    """Cross-attention layers of an SD repo's UNet, read from its config alone (no weights loaded)."""
-    try:
-        config = UNet2DConditionModel.load_config(pretrained_model, subfolder="unet")
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read the UNet config of {pretrained_model}: {str(err).splitlines()[0]}") from err
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    return cross_attention_layers(unet)
-
-
-def derive_seed(concept_id: str, prompt: str, index: int, base: int = 0) -> int:
-    """A deterministic seed per (concept, prompt, image index), so a rerun reproduces every image."""
-    digest = hashlib.sha256(f"{base}\x1f{concept_id}\x1f{prompt}\x1f{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1  # 63 bits: a valid torch seed

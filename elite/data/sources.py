@@ -12,15 +12,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import posixpath
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, overload
 
+from elite.data.objects import LocalStore, ObjectStore, check_key, is_uri
 from elite.errors import Failure, InputError
-from elite.storage import ObjectStore, check_key, is_uri
 
-__all__ = ["ConceptRef", "MetadataValue", "list_concepts", "read_manifest"]
+__all__ = ["ConceptRef", "ConceptSource", "MetadataValue", "find_concepts", "list_concepts", "read_manifest"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MASK_SUFFIX = "_bg.png"  # the release's mask naming
@@ -30,13 +32,22 @@ MetadataValue = str | int | float | bool | None
 
 
 @dataclass(frozen=True)
+class ConceptSource:
+    """A concept of a local folder, as file paths (for scripts and benchmarks; jobs use `ConceptRef`)."""
+
+    concept_id: str
+    image: Path
+    mask: Path | None
+
+
+@dataclass(frozen=True)
 class ConceptRef:
     """One concept to encode: where its image (and mask) live, and what a manifest said about it."""
 
     concept_id: str  # one key segment: it names the concept's output folder
     image: str  # a key within the store, or an absolute URI (s3://..., file:///...) from a manifest
     mask: str | None = None  # same form as `image`; None: the whole image is the object
-    class_word: str | None = None  # e.g. "dog"; lets prompt files target a class (elite.prompts)
+    class_word: str | None = None  # e.g. "dog"; lets prompt files target a class (elite.data.prompts)
     metadata: dict[str, MetadataValue] = field(default_factory=dict)  # a manifest's other columns, unchanged
 
 
@@ -74,6 +85,15 @@ def list_concepts(store: ObjectStore, prefix: str = "") -> list[ConceptRef]:
     return [ConceptRef(concept_id, key, masks.get(concept_id)) for concept_id, key in sorted(images.items())]
 
 
+def find_concepts(folder: str | os.PathLike[str]) -> list[ConceptSource]:
+    """Concepts of a local folder as paths, by the convention of `list_concepts`."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder")
+    return [ConceptSource(ref.concept_id, root / ref.image, None if ref.mask is None else root / ref.mask)
+            for ref in list_concepts(LocalStore(root))]
+
+
 def _add_unique(found: dict[str, str], name: str, key: str, store: ObjectStore, what: str) -> None:
     if name in found:
         raise InputError(f"concept {name!r} has two {what}: {store.uri(found[name])} and {store.uri(key)}; "
@@ -98,7 +118,7 @@ def read_manifest(store: ObjectStore, key: str,
     image and mask paths are resolved against the manifest's folder; '/path' is a key from the store's
     root and 'scheme://...' an absolute URI, kept as given.
     strict=True: the first bad row raises InputError naming its line. strict=False: bad rows come back as
-    `Failure(item="<key>:<line>", stage="manifest", reason)` and the good rows are returned with them.
+    `Failure("", uri="<manifest uri>:<line>", stage="manifest", reason)` and the good rows are returned with them.
     A file that cannot be read as a manifest at all (wrong suffix, no header, missing columns) always raises.
     """
     suffix = posixpath.splitext(key)[1].lower()
@@ -125,7 +145,7 @@ def read_manifest(store: ObjectStore, key: str,
         except InputError as err:
             if strict:
                 raise InputError(f"{store.uri(key)} line {line}: {err}") from None
-            failures.append(Failure(f"{key}:{line}", "manifest", str(err)))
+            failures.append(Failure("", f"{store.uri(key)}:{line}", "manifest", str(err)))
     return refs if strict else (refs, failures)
 
 

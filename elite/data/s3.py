@@ -1,66 +1,36 @@
-"""Object storage: one small interface over local folders and S3 (AWS, MinIO or any S3 endpoint).
+"""S3 object storage (AWS, MinIO or any S3 endpoint) through boto3, and the settings that reach it.
 
-    open_store("embeddings/")                  LocalStore, the embedded default (also file:///abs/path)
-    open_store("s3://bucket/prefix")           S3Store through boto3
-    embedding_store(uri)                       an EmbeddingStore on either (elite.store)
-
-Both backends take the same '/'-separated relative keys and refuse the same bad ones ('..', absolute,
-backslashes, control characters), so data moves between them unchanged and no key escapes a local root.
-A put is all-or-nothing on both: locally a dot-prefixed temporary file is fsynced and renamed over the
-key; on S3 a single PUT or a multipart upload only becomes visible when it completes. Transient S3
-errors (throttling, 5xx, dropped connections) are retried by botocore's retry handler, configured from
-`StorageSettings`; everything else surfaces as a `StorageError` naming the URI. Guide: docs/storage.md.
+Transient S3 errors (throttling, 5xx, dropped connections) are retried by botocore's retry handler, configured
+from `StorageSettings`; what is still failing after those attempts surfaces as a `TransientStorageError`, everything
+else (not found, access denied) as a `StorageError` naming the URI. Guide: docs/storage.md.
 """
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import dataclasses
 import datetime
 import hashlib
 import io
 import os
-import posixpath
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, BinaryIO, NoReturn, Protocol
-from urllib.parse import unquote
+from typing import Any, BinaryIO, NoReturn
 
 import boto3
-import pyarrow as pa
 from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from elite.errors import InputError, StorageError
-from elite.fileio import atomic_path, sha256_file
-from elite.store import DEFAULT_ROW_GROUP_ROWS, EmbeddingStore, LocalFolder, is_part_name
+from elite.data.objects import MiB, ObjectInfo, check_key, check_prefix, source_file
+from elite.errors import InputError, StorageError, TransientStorageError
+from elite.fileio import sha256_file
 
-__all__ = [
-    "LocalStore",
-    "ObjectInfo",
-    "ObjectStore",
-    "ObjectStorePartStorage",
-    "S3Store",
-    "StorageSettings",
-    "embedding_store",
-    "open_store",
-    "storage_settings_from_env",
-]
-
-MiB = 1024 * 1024
 SHA256_METADATA = "sha256"  # sent as x-amz-meta-sha256 with every S3 put
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # elite.fileio.atomic_path's in-progress files
-_BAD_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")  # control characters, and '\\' (a separator on Windows)
-_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")  # lenient: legacy us-east-1 names allow more than today
 
 
@@ -87,6 +57,9 @@ class StorageSettings:
     multipart_threshold: int = 8 * MiB  # boto3 TransferConfig default: objects from this size upload in parts
     multipart_chunksize: int = 8 * MiB  # boto3 TransferConfig default; S3 parts are at least 5 MiB
     max_concurrency: int = 10  # boto3 TransferConfig default: parts in flight at once
+    # HTTP connections kept per client: at least the threads that share a store (the jobs hash and list with
+    # elite.jobs.IO_THREADS = 16); botocore's 10 made 16 hashing threads log "Connection pool is full"
+    max_pool_connections: int = 32
     list_page_size: int = 1000  # keys per ListObjectsV2 request; 1000 is S3's maximum
     # the least one ranged GET fetches when an object is read piecewise: Parquet footers and key-column chunks are
     # small (pyarrow reads footers in 64 KiB too); a larger read goes out as one GET of its own size
@@ -97,8 +70,8 @@ class StorageSettings:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 _bad_setting(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        minimum = {"max_attempts": 1, "multipart_threshold": 1, "max_concurrency": 1, "list_page_size": 1,
-                   "read_block_size": 1, "multipart_chunksize": 5 * MiB, "connect_timeout": 0.001,
+        minimum = {"max_attempts": 1, "multipart_threshold": 1, "max_concurrency": 1, "max_pool_connections": 1,
+                   "list_page_size": 1, "read_block_size": 1, "multipart_chunksize": 5 * MiB, "connect_timeout": 0.001,
                    "read_timeout": 0.001}
         for name, low in minimum.items():
             if getattr(self, name) < low:
@@ -146,173 +119,6 @@ def storage_settings_from_env(environ: Mapping[str, str] | None = None) -> Stora
     return StorageSettings(**values)
 
 
-# ---- the interface -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    key: str  # relative to the store's root, '/'-separated
-    size: int  # bytes
-    etag: str | None  # S3's ETag without quotes ("<md5>-<parts>" after a multipart upload); None locally
-    last_modified: datetime.datetime | None  # UTC
-
-
-class ObjectStore(Protocol):
-    """A flat namespace of immutable-by-convention objects under one root (a folder or an S3 prefix)."""
-
-    def uri(self, key: str = "") -> str:
-        """The root's URI, or a key's: file:///... or s3://bucket/prefix/key."""
-        ...
-
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        """Every object whose key starts with `prefix`, at any depth, sorted by key; fetched page by page."""
-        ...
-
-    def get(self, key: str) -> bytes:
-        ...
-
-    def open(self, key: str) -> BinaryIO:
-        """A seekable read-only file over the object, read piece by piece (S3: ranged GETs)."""
-        ...
-
-    def put(self, key: str, data: bytes | str | os.PathLike[str]) -> None:
-        """Store bytes, or a local file's contents, under `key`: readers see the old object or the whole new one."""
-        ...
-
-    def exists(self, key: str) -> bool:
-        ...
-
-    def sha256(self, key: str) -> str:
-        """Hex sha256 of the object's bytes."""
-        ...
-
-    def delete(self, key: str) -> None:
-        """Remove the object; removing a missing object is not an error."""
-        ...
-
-
-def check_key(key: str) -> str:
-    """`key` if it is a clean relative '/'-path, else InputError. Applied by both backends alike."""
-    if not isinstance(key, str) or not key:
-        raise InputError(f"object key must be a non-empty string, got {key!r}")
-    if key.startswith("/"):
-        raise InputError(f"object key {key!r} is absolute; keys are relative to the store's root")
-    if _BAD_KEY_CHARS.search(key):
-        raise InputError(f"object key {key!r} holds a backslash or a control character")
-    segments = key.split("/")
-    if any(segment in ("", ".", "..") for segment in segments):
-        raise InputError(f"object key {key!r} has an empty, '.' or '..' segment; keys may not leave the root")
-    if _TEMP_NAME.fullmatch(segments[-1]):
-        raise InputError(f"object key {key!r} looks like an in-progress write (.<name>.<8 hex>.tmp); such "
-                         "names are reserved and never listed")
-    return key
-
-
-def _check_prefix(prefix: str) -> str:
-    """A listing prefix: a key, a folder ending in '/', a partial name, or '' for everything."""
-    if prefix:
-        check_key(prefix.rstrip("/") + "/x" if prefix.endswith("/") else prefix)
-    return prefix
-
-
-def _source_file(data: str | os.PathLike[str], target: str) -> Path:
-    source = Path(data)
-    if not source.is_file():
-        raise InputError(f"{source}: not a file, cannot put it as {target}")
-    return source
-
-
-# ---- local folders -------------------------------------------------------------------------------
-
-class LocalStore:
-    """Objects as files under a folder; the folder is made by the first put."""
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root).absolute()
-        self._real_root = self.root.resolve()  # once: resolving is a syscall per path component
-
-    def uri(self, key: str = "") -> str:
-        return (self.root / check_key(key) if key else self.root).as_uri()  # names only: no link check needed
-
-    def _path(self, key: str) -> Path:
-        path = self.root / check_key(key)
-        # a symlink inside the root could still lead out of it; resolve() follows links (strict=False: the
-        # file need not exist yet)
-        if not path.resolve().is_relative_to(self._real_root):
-            raise InputError(f"object key {key!r} leads out of {self.root} through a symbolic link")
-        return path
-
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        start = self.root / _check_prefix(prefix).rpartition("/")[0]  # walk only the prefix's folder
-
-        def fail(err: OSError) -> None:
-            if not isinstance(err, FileNotFoundError):  # a folder deleted mid-walk is simply empty
-                raise StorageError(f"{self.uri()}: cannot list {err.filename}: {err.strerror}") from err
-
-        found: builtins.list[ObjectInfo] = []
-        for folder, _, names in os.walk(start, onerror=fail):
-            for name in names:
-                path = Path(folder, name)
-                key = path.relative_to(self.root).as_posix()
-                if _TEMP_NAME.fullmatch(name) or not key.startswith(prefix):
-                    continue
-                try:
-                    stat = path.stat()
-                except FileNotFoundError:  # deleted since the walk saw it
-                    continue
-                modified = datetime.datetime.fromtimestamp(stat.st_mtime, datetime.UTC)
-                found.append(ObjectInfo(key, stat.st_size, None, modified))
-        # str order is code point order, which is UTF-8 byte order: the order S3 lists in
-        yield from sorted(found, key=lambda info: info.key)
-
-    def get(self, key: str) -> bytes:
-        with self._errors(key, "read"):
-            return self._path(key).read_bytes()
-
-    def open(self, key: str) -> BinaryIO:
-        with self._errors(key, "open"):
-            return open(self._path(key), "rb")  # the caller closes it
-
-    def put(self, key: str, data: bytes | str | os.PathLike[str]) -> None:
-        path = self._path(key)
-        if isinstance(data, bytes | bytearray | memoryview):
-            with atomic_path(path) as tmp:
-                tmp.write_bytes(data)
-        else:
-            source = _source_file(data, self.uri(key))
-            with atomic_path(path) as tmp:
-                shutil.copyfile(source, tmp)
-        with self._errors(key, "write"):  # make the rename itself durable, not only the bytes
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def sha256(self, key: str) -> str:
-        path = self._path(key)
-        if not path.is_file():
-            raise StorageError(f"{self.uri(key)}: not found")
-        return sha256_file(path)
-
-    def delete(self, key: str) -> None:
-        with self._errors(key, "delete"):
-            self._path(key).unlink(missing_ok=True)
-
-    @contextlib.contextmanager
-    def _errors(self, key: str, doing: str) -> Iterator[None]:
-        try:
-            yield
-        except (FileNotFoundError, NotADirectoryError) as err:
-            raise StorageError(f"{self.uri(key)}: not found") from err
-        except IsADirectoryError as err:
-            raise StorageError(f"{self.uri(key)}: is a folder, not an object") from err
-        except OSError as err:
-            raise StorageError(f"{self.uri(key)}: {doing} failed: {err.strerror or err}") from err
-
-
 # ---- S3 ------------------------------------------------------------------------------------------
 
 class S3Store:
@@ -336,7 +142,7 @@ class S3Store:
             retries={"total_max_attempts": s.max_attempts, "mode": s.retry_mode},  # total: the first try included
             connect_timeout=s.connect_timeout, read_timeout=s.read_timeout,
             s3={"addressing_style": s.addressing_style},
-            max_pool_connections=max(10, s.max_concurrency),  # one connection per part in flight
+            max_pool_connections=max(s.max_pool_connections, s.max_concurrency),  # and one per part in flight
         )
         with self._errors("", "connect"):  # a missing profile fails here
             session = boto3.session.Session(aws_access_key_id=s.access_key_id,
@@ -354,7 +160,7 @@ class S3Store:
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         root = f"{self.prefix}/" if self.prefix else ""  # the '/' keeps s3://b/data from listing s3://b/data2
         paginator = self.client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(Bucket=self.bucket, Prefix=root + _check_prefix(prefix),
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=root + check_prefix(prefix),
                                    PaginationConfig={"PageSize": self.settings.list_page_size})
         with self._errors(prefix, "list"):
             for page in pages:  # each page is one request, fetched as the caller consumes the previous one
@@ -383,7 +189,7 @@ class S3Store:
         if isinstance(data, bytes | bytearray | memoryview):
             digest, opener = hashlib.sha256(data).hexdigest(), lambda: io.BytesIO(data)
         else:
-            source = _source_file(data, self.uri(key))
+            source = source_file(data, self.uri(key))
             digest, opener = sha256_file(source), lambda: open(source, "rb")
         # upload_fileobj, not upload_file: upload_file replaces the ClientError (and its code) by a message
         with self._errors(key, "write"), opener() as handle:
@@ -427,11 +233,15 @@ class S3Store:
 
     @contextlib.contextmanager
     def _errors(self, key: str, doing: str) -> Iterator[None]:
-        """Turn boto3's and botocore's errors into a StorageError naming the URI and the reason."""
+        """Turn boto3's and botocore's errors into a StorageError naming the URI and the reason; what may pass
+        on its own (throttling, 5xx, timeouts, connections) into a TransientStorageError."""
         try:
             yield
         except ClientError as err:
-            raise StorageError(self._client_error_message(key, doing, err)) from err
+            kind = TransientStorageError if _is_transient(err) else StorageError
+            raise kind(self._client_error_message(key, doing, err)) from err
+        except (BotoConnectionError, HTTPClientError) as err:  # refused, DNS, TLS, timeouts, dropped connections
+            raise TransientStorageError(self._botocore_error_message(key, doing, err)) from err
         except (BotoCoreError, Boto3Error) as err:
             raise StorageError(self._botocore_error_message(key, doing, err)) from err
 
@@ -460,6 +270,17 @@ class S3Store:
 
 def _error_code(err: ClientError) -> str:
     return str(err.response.get("Error", {}).get("Code", ""))
+
+
+# S3 error codes that say "try again later" (botocore's standard retry mode retries these too, a few times)
+_TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                              "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
+                              "500", "502", "503", "504"})
+
+
+def _is_transient(err: ClientError) -> bool:
+    status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return _error_code(err) in _TRANSIENT_CODES or status >= 500 or status == 429
 
 
 class _RangeReader(io.RawIOBase):
@@ -494,83 +315,3 @@ class _RangeReader(io.RawIOBase):
         view[:len(data)] = data
         self.position += len(data)
         return len(data)
-
-
-# ---- opening stores ------------------------------------------------------------------------------
-
-def open_store(uri: str | os.PathLike[str], settings: StorageSettings | None = None) -> LocalStore | S3Store:
-    """A plain path or file:// URL -> LocalStore; s3://bucket[/prefix] -> S3Store; any other scheme -> InputError.
-
-    `settings` apply to S3 only; None reads them from the environment (`storage_settings_from_env`).
-    """
-    text = os.fspath(uri)
-    match = _SCHEME.match(text)
-    if match is None:
-        if not text:
-            raise InputError("storage location is empty; give a folder, file:///path or s3://bucket/prefix")
-        return LocalStore(text)
-    scheme, rest = match.group(1).lower(), text[match.end():]
-    if scheme == "s3":
-        bucket, _, prefix = rest.partition("/")
-        if not bucket:
-            raise InputError(f"{text}: no bucket; expected s3://bucket/prefix")
-        return S3Store(bucket, prefix, settings)
-    if scheme == "file":
-        host, slash, path = rest.partition("/")
-        if host not in ("", "localhost") or not slash:
-            raise InputError(f"{text}: file URLs must be file:///absolute/path (no host)")
-        return LocalStore(unquote("/" + path))
-    raise InputError(f"{text}: unsupported storage scheme {scheme!r}; use a folder, file:///path or s3://bucket/prefix")
-
-
-def is_uri(text: str) -> bool:
-    """True for `scheme://...` (s3://, file://), false for plain paths and store keys."""
-    return _SCHEME.match(text) is not None
-
-
-def open_object(uri: str, settings: StorageSettings | None = None) -> tuple[LocalStore | S3Store, str]:
-    """(store of the containing folder, key) for the URI or path of one object, e.g. a prompt file."""
-    folder, name = posixpath.split(uri.rstrip("/"))
-    if not name:
-        raise InputError(f"{uri!r} names a folder, not an object")
-    return open_store(folder, settings), name
-
-
-class ObjectStorePartStorage:
-    """elite.store's `PartStorage` on any ObjectStore: parts are objects directly under the store's root (list_parts
-    lists the whole root, so give the embedding store a prefix of its own).
-
-    A part is written to a local temporary file first, then put in one go, so it appears whole or not at all
-    (on S3 as a single PUT or a multipart upload completed only after every part arrived).
-    """
-
-    def __init__(self, store: ObjectStore) -> None:
-        self.store = store
-
-    def list_parts(self) -> list[str]:
-        return sorted(info.key for info in self.store.list() if "/" not in info.key and is_part_name(info.key))
-
-    def open_part(self, name: str) -> Any:
-        # PythonFile: pyarrow seeks and reads through it, so a Parquet read fetches the footer and the row groups
-        # it needs, not the whole part
-        return pa.PythonFile(self.store.open(name), mode="r")
-
-    def write_part(self, name: str, write: Callable[[Any], None]) -> None:
-        with tempfile.TemporaryDirectory(prefix="elite-part-") as folder:
-            path = Path(folder, "part.parquet")
-            with pa.OSFile(str(path), "wb") as sink:
-                write(sink)
-            self.store.put(name, path)
-
-    def uri(self, name: str = "") -> str:
-        return self.store.uri(name)
-
-
-def embedding_store(uri: str | os.PathLike[str], settings: StorageSettings | None = None, *,
-                    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> EmbeddingStore:
-    """An EmbeddingStore at a folder, file:// URL or s3://bucket/prefix."""
-    store = open_store(uri, settings)
-    if isinstance(store, LocalStore):
-        # LocalFolder, not the generic adapter: it memory-maps parts and writes them in place
-        return EmbeddingStore(LocalFolder(store.root), row_group_rows=row_group_rows)
-    return EmbeddingStore(ObjectStorePartStorage(store), row_group_rows=row_group_rows)

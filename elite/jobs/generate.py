@@ -1,0 +1,297 @@
+"""The generate job: stored concepts x prompts -> PNGs on a store, a results manifest and a failures table.
+
+    generate_catalog(embedding_store("s3://shop/embeddings"), load_prompts("s3://shop/prompts.txt")[0],
+                     open_store("s3://shop/images"), GenerationSettings(pretrained_model=..., ...))
+
+    plan (concept, prompt, index, seed) -> drop images already written -> batches -> generate -> put PNG + row
+
+Both front doors run this one job: `elite generate` runs its batches one after the other, the `generate_images`
+flow as Prefect tasks over the worker's device slots. Layout under the output store:
+
+- `<concept_id>/<sha1(prompt)[:10]>-i<index>-s<seed>.png`: the images (a rerun skips those present);
+- `_runs/generate-<stamp>.parquet`: the results manifest, one row per image written by the run (what was asked,
+  every generation parameter, model ids and hashes, output URI, sha256, timings);
+- `_runs/generate-<stamp>-failures.parquet`: what could not be done (bad prompt-file lines, concepts not in the
+  store, prompts the pipeline refuses, batches that failed after their retries).
+Report files are written only when they have rows.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from PIL import Image
+
+import elite
+from elite.data.objects import ObjectStore
+from elite.data.prompts import PromptSpec, WorkItem, batch_work, plan_work
+from elite.data.sources import ConceptRef
+from elite.data.store import EmbeddingStore
+from elite.errors import Failure, InputError
+from elite.fileio import sha256_bytes
+from elite.jobs.common import (
+    IO_THREADS,
+    BatchRunner,
+    Stopwatch,
+    put_failures,
+    put_table,
+    run_isolated,
+    run_sequentially,
+    run_stamp,
+)
+from elite.model.concepts import ConceptEmbedding
+from elite.model.devices import cuda_devices, resolve_dtype
+from elite.model.encoder import state_digest
+from elite.model.pipeline import ElitePipeline
+
+logger = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Models and sampler settings, as they go into every manifest row."""
+
+    pretrained_model: str
+    global_mapper: str
+    local_mapper: str
+    encoder_id: str | None = None  # which stored embeddings (needed when the store holds several encoders')
+    steps: int = 100  # paper / reference: 100 LMS steps
+    guidance_scale: float = 5.0  # paper: guidance 5
+    lambda_local: float = 0.8  # paper: lambda 0.8
+    height: int = 512  # paper: 512x512
+    width: int = 512
+    dtype: str = "auto"  # float16 on CUDA, float32 on the CPU; or float32 / float16 / bfloat16
+
+
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("concept_id", pa.string()), pa.field("prompt", pa.string()), pa.field("index", pa.int64()),
+    pa.field("seed", pa.int64()), pa.field("output_key", pa.string()), pa.field("output_uri", pa.string()),
+    pa.field("sha256", pa.string()), pa.field("seconds", pa.float64()),  # generation time per image (batch / size)
+    pa.field("batch_size", pa.int64()), pa.field("device", pa.string()), pa.field("slot", pa.int64()),
+    pa.field("pretrained_model", pa.string()), pa.field("global_mapper", pa.string()),
+    pa.field("local_mapper", pa.string()), pa.field("encoder_id", pa.string()), pa.field("steps", pa.int64()),
+    pa.field("guidance_scale", pa.float64()), pa.field("lambda_local", pa.float64()),
+    pa.field("height", pa.int64()), pa.field("width", pa.int64()), pa.field("dtype", pa.string()),
+    pa.field("scheduler", pa.string()), pa.field("unet_sha256", pa.string()),
+    pa.field("text_encoder_sha256", pa.string()), pa.field("global_mapper_sha256", pa.string()),
+    pa.field("local_mapper_sha256", pa.string()), pa.field("elite_version", pa.string()),
+    pa.field("created_at", pa.timestamp("us", tz="UTC")),
+])
+
+
+# ---- pipelines and device slots, per process --------------------------------------------------------
+
+@dataclass
+class LoadedPipeline:
+    pipe: ElitePipeline
+    hashes: dict[str, str]  # model hashes for the manifest
+    dtype: str
+
+
+_PIPELINES: dict[tuple[str, str, str, str, str, int], LoadedPipeline] = {}
+_PIPELINES_LOCK = threading.Lock()
+_SLOTS: dict[tuple[str, ...], queue.Queue[int]] = {}
+_SLOTS_LOCK = threading.Lock()
+
+
+@contextmanager
+def device_slot(devices: Sequence[str]) -> Iterator[int]:
+    """Hold one slot (an index into `devices`) for a batch: a pipeline swaps attention processors per call, so
+    one batch per slot at a time; callers waiting here run as soon as any slot frees up."""
+    key = tuple(devices)
+    with _SLOTS_LOCK:
+        if key not in _SLOTS:
+            _SLOTS[key] = queue.Queue()
+            for slot in range(len(key)):
+                _SLOTS[key].put(slot)
+        slots = _SLOTS[key]
+    slot = slots.get()
+    try:
+        yield slot
+    finally:
+        slots.put(slot)
+
+
+def load_pipeline(settings: GenerationSettings, device: str, slot: int = 0) -> LoadedPipeline:
+    """The generation-only pipeline of `settings`' models for one slot on `device`, loaded once per process."""
+    dtype = resolve_dtype(settings.dtype, device)
+    name = str(dtype).removeprefix("torch.")
+    key = (settings.pretrained_model, settings.global_mapper, settings.local_mapper, device, name, slot)
+    with _PIPELINES_LOCK:
+        if key not in _PIPELINES:
+            pipe = ElitePipeline.from_pretrained(settings.pretrained_model, None, settings.global_mapper,
+                                                 settings.local_mapper, torch_dtype=dtype, device=device)
+            hashes = {"unet_sha256": state_digest(pipe.unet), "text_encoder_sha256": state_digest(pipe.text_encoder),
+                      "global_mapper_sha256": state_digest(pipe.global_mapper),
+                      "local_mapper_sha256": state_digest(pipe.local_mapper)}
+            _PIPELINES[key] = LoadedPipeline(pipe, hashes, name)
+        return _PIPELINES[key]
+
+
+# ---- prompts and planning -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GeneratePlan:
+    todo: list[WorkItem]
+    planned: int
+    failures: list[Failure]
+    unmatched_prompts: list[str]  # scoped prompts that apply to none of the concepts (a typo in an id or class?)
+
+
+def plan_generate(embeddings: EmbeddingStore, prompts: Sequence[PromptSpec], out: ObjectStore, *,
+                  concept_ids: Sequence[str] | None = None, encoder_id: str | None = None,
+                  base_seed: int = 0) -> GeneratePlan:
+    """Every (stored concept, prompt, image) that is not written yet. Asked concepts missing from the store are
+    failures; an `encoder_id` under which nothing is stored is an InputError (it would generate nothing)."""
+    info = embeddings.read_info(None, encoder_id)  # the newest row per concept, no tensors
+    if encoder_id is not None and info.num_rows == 0 and embeddings.part_names():
+        raise InputError(f"no concept of the embedding store at {embeddings.storage.uri()} is stored under encoder "
+                         f"{encoder_id!r}")
+    words = info.column("class_word").to_pylist() if "class_word" in info.column_names else [None] * info.num_rows
+    stored = {cid: ConceptRef(cid, uri, class_word=None if word is None else str(word)) for cid, uri, word in
+              zip(info.column("concept_id").to_pylist(), info.column("source_uri").to_pylist(), words, strict=True)}
+    asked = sorted(stored) if concept_ids is None else list(dict.fromkeys(concept_ids))
+    where = embeddings.storage.uri() + (f" under encoder {encoder_id!r}" if encoder_id else "")
+    failures = [Failure(cid, embeddings.storage.uri(), "generate", f"concept id {cid!r} is not in the embedding "
+                        f"store at {where}") for cid in asked if cid not in stored]
+    plan = plan_work([stored[cid] for cid in asked if cid in stored], prompts, base_seed)
+    used = {item.prompt for item in plan}
+    unmatched = [f"{spec.template} ({spec.scope})" for spec in prompts
+                 if spec.template not in used and (spec.concept_id or spec.class_word)]
+    for prompt in unmatched:
+        logger.warning("prompt %s applies to none of the %d concepts", prompt, len(asked))
+    existing = _existing(out, sorted({item.concept_id for item in plan}))
+    todo = [item for item in plan if item.output_key not in existing]
+    return GeneratePlan(todo, len(plan), failures, unmatched)
+
+
+def _existing(out: ObjectStore, concept_ids: list[str]) -> set[str]:
+    """Keys of the images already written, one listing per concept folder (in threads: storage-bound)."""
+    def listed(concept_id: str) -> list[str]:
+        return [info.key for info in out.list(f"{concept_id}/")]
+
+    with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="elite-list") as pool:
+        return {key for keys in pool.map(listed, concept_ids) for key in keys}
+
+
+# ---- generating -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenerateBatchResult:
+    rows: list[dict[str, Any]]  # results-manifest rows (MANIFEST_SCHEMA)
+    failures: list[Failure]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def generate_batch(embeddings: EmbeddingStore, out: ObjectStore, settings: GenerationSettings,
+                   devices: Sequence[str], batch: Sequence[WorkItem]) -> GenerateBatchResult:
+    """Generate one batch on a free device slot and put its PNGs. A batch the pipeline refuses as a whole (one
+    prompt too long, say) is run one item at a time, so only the bad items fail."""
+    clock = Stopwatch()
+    with clock.time("io"):
+        concepts = {c.concept_id: c for c in embeddings.read_embeddings(
+            sorted({item.concept_id for item in batch}), settings.encoder_id)}
+    with device_slot(devices) as slot:
+        device = devices[slot]
+        with clock.time("model"):
+            loaded = load_pipeline(settings, device, slot)
+        generating = time.perf_counter()
+        with clock.time("model"):
+            done, bad = run_isolated(batch, lambda items: _generate(loaded.pipe, settings, items, concepts))
+        seconds = (time.perf_counter() - generating) / len(batch)
+    failures = [Failure(item.concept_id, out.uri(item.output_key), "generate", str(err)) for item, err in bad]
+    now = datetime.datetime.now(datetime.UTC)
+    common = {**asdict(settings), **loaded.hashes, "dtype": loaded.dtype, "seconds": seconds, "device": device,
+              "slot": slot, "batch_size": len(batch) if not bad else 1, "created_at": now,
+              "scheduler": type(loaded.pipe.scheduler).__name__, "elite_version": elite.__version__}
+    rows = []
+    for item, image in done:
+        with clock.time("model"):
+            data = png_bytes(image)
+        with clock.time("io"):
+            out.put(item.output_key, data)
+        rows.append({**asdict(item), **common, "output_uri": out.uri(item.output_key), "sha256": sha256_bytes(data)})
+    return GenerateBatchResult(rows, failures, clock.seconds)
+
+
+def _generate(pipe: ElitePipeline, settings: GenerationSettings, items: Sequence[WorkItem],
+              concepts: dict[str, ConceptEmbedding]) -> list[Image.Image]:
+    images = pipe([i.prompt for i in items], [concepts[i.concept_id] for i in items], seed=[i.seed for i in items],
+                  lambda_local=settings.lambda_local, guidance_scale=settings.guidance_scale,
+                  num_inference_steps=settings.steps, height=settings.height, width=settings.width,
+                  show_progress=False).images
+    return list(images)  # output_type "pil": a list of images
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class GenerateReport:
+    generated: int
+    skipped: int  # images already written
+    planned: int
+    failures: list[Failure]
+    manifest_uri: str | None  # None when this run wrote no image
+    failures_uri: str | None  # None when nothing failed
+    out_uri: str
+    devices: list[str]
+    unmatched_prompts: list[str]
+    seconds: dict[str, float]
+
+
+def generate_catalog(embeddings: EmbeddingStore, prompts: Sequence[PromptSpec], out: ObjectStore,
+                     settings: GenerationSettings, *, concept_ids: Sequence[str] | None = None, batch_size: int = 4,
+                     base_seed: int = 0, devices: Sequence[str] | None = None, prompt_failures: Sequence[Failure] = (),
+                     run_batches: BatchRunner[list[WorkItem], GenerateBatchResult] | None = None,
+                     progress: Callable[[int], None] | None = None) -> GenerateReport:
+    """Every image of `prompts` for the stored concepts (`concept_ids`, default all) that `out` lacks.
+
+    `devices`: generation slots, e.g. ["cuda:0", "cuda:1"] (default: every CUDA GPU, else ["cpu"]; a device named
+    twice is two pipelines). `prompt_failures`: bad prompt-file lines, reported with the run's failures.
+    `run_batches`: how batches run (default: one after the other, here); a batch that ends in an exception
+    becomes failure rows for its images. `progress(n)`: called with the images of each finished batch.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    started = time.perf_counter()
+    clock = Stopwatch()
+    slots = list(devices) if devices else cuda_devices()
+    with clock.time("io"):
+        plan = plan_generate(embeddings, prompts, out, concept_ids=concept_ids, encoder_id=settings.encoder_id,
+                             base_seed=base_seed)
+    failures = [*prompt_failures, *plan.failures]
+    batches = batch_work(plan.todo, batch_size)
+    runner = run_batches or run_sequentially(lambda b: generate_batch(embeddings, out, settings, slots, b))
+    rows: list[dict[str, Any]] = []
+    for batch, result in zip(batches, runner(batches), strict=True):
+        if isinstance(result, Exception):  # failed after its retries: its images are failures, not lost
+            failures += [Failure(i.concept_id, out.uri(i.output_key), "generate", f"{type(result).__name__}: "
+                                 f"{result}") for i in batch]
+        else:
+            rows += result.rows
+            failures += result.failures
+            clock.add(result.seconds)
+        if progress is not None:
+            progress(len(batch))
+    stamp = run_stamp()
+    with clock.time("io"):
+        manifest_uri = put_table(out, f"_runs/generate-{stamp}.parquet", rows, MANIFEST_SCHEMA)
+        failures_uri = put_failures(out, f"_runs/generate-{stamp}-failures.parquet", failures)
+    return GenerateReport(len(rows), plan.planned - len(plan.todo), plan.planned, failures, manifest_uri,
+                          failures_uri, out.uri(), slots, plan.unmatched_prompts,
+                          {**clock.seconds, "wall": time.perf_counter() - started})
+

@@ -1,0 +1,51 @@
+"""Where the models are: given values, else the ELITE_* environment variables; checked before any work starts.
+
+One rule for both front doors: the CLI's options and the flows' parameters default to the same variables, so a
+work pool or a shell can keep model locations in its environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from elite.errors import InputError
+
+MODEL_ENV = {"pretrained_model": "ELITE_PRETRAINED_MODEL", "vision_model": "ELITE_VISION_MODEL",
+             "global_mapper": "ELITE_GLOBAL_MAPPER", "local_mapper": "ELITE_LOCAL_MAPPER",
+             "onnx_path": "ELITE_ONNX_ENCODER"}
+FILES = ("global_mapper", "local_mapper", "onnx_path")  # always local files; the other two may be hub ids
+
+
+def resolve_models(needed: tuple[str, ...], environ: Mapping[str, str] | None = None,
+                   **given: str | None) -> dict[str, str | None]:
+    """Every model location: the given value, else its environment variable, else None. Each of `needed` must be
+    found, and a local file or folder named must exist: an InputError names what is missing, before any work."""
+    environ = os.environ if environ is None else environ
+    models = {name: given.get(name) or environ.get(var) or None for name, var in MODEL_ENV.items()}
+    missing = [name for name in needed if not models[name]]
+    if missing:
+        raise InputError("missing " + ", ".join(f"{name.replace('_', '-')} (or ${MODEL_ENV[name]})"
+                                                for name in missing))
+    for name, value in models.items():
+        if value is None or name not in needed:
+            continue
+        path = Path(value)
+        # a hub id ("org/name") is left to the loader; a path that looks local must exist
+        looks_local = name in FILES or value.startswith((".", "/", "~")) or value.count("/") > 1
+        if looks_local and not path.expanduser().exists():
+            raise InputError(f"{name.replace('_', '-')} {value}: no such file or folder")
+    return models
+
+
+def encoder_needs(engine: str) -> tuple[str, ...]:
+    """The models an encoder of `engine` loads (the UNet config names the mappers' layers for torch)."""
+    if engine == "onnx":
+        return ("onnx_path",)
+    if engine == "torch":
+        return ("vision_model", "global_mapper", "local_mapper")
+    raise InputError(f"engine must be 'torch' or 'onnx', got {engine!r}")
+
+
+GENERATOR_NEEDS = ("pretrained_model", "global_mapper", "local_mapper")

@@ -1,0 +1,1 @@
+"""The `elite` command line, a front door over `elite.jobs` beside the Prefect flows in `flows/`."""

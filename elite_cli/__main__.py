@@ -1,0 +1,3 @@
+from elite_cli.main import main
+
+raise SystemExit(main())

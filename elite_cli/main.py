@@ -1,0 +1,169 @@
+"""The `elite` command line: a thin front door over the library's jobs (the flows are the other one).
+
+Every command takes folders and s3:// URIs alike and writes the same layout and run tables as the flows. An
+EliteError prints one `elite: error: ...` line and exits 1; items that failed are printed as `FAILED` lines,
+are in the run's failures table, and make the exit status 1 while the rest is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from tqdm.auto import tqdm
+
+from elite.data.prompts import DEFAULT_PROMPTS, PromptSpec, load_prompts
+from elite.data.storage import embedding_store, open_store
+from elite.errors import EliteError, Failure, InputError
+from elite.fileio import sha256_file
+from elite.jobs.common import check_readable
+from elite.jobs.export import export_embeddings
+from elite.jobs.models import GENERATOR_NEEDS, MODEL_ENV, encoder_needs, resolve_models
+from elite_cli.parser import build_parser
+from elite_cli.personalize import cmd_personalize
+
+# The model side (torch models, diffusers, ONNX export) is imported by the commands that use it: `--help`, a
+# mistyped option or a missing folder answer in a second, not after diffusers has loaded.
+
+
+def _models(args: argparse.Namespace, needed: tuple[str, ...]) -> dict[str, str | None]:
+    given = {name: getattr(args, name, None) for name in MODEL_ENV}
+    return resolve_models(needed, **given)
+
+
+def _print_failures(failures: Sequence[Failure]) -> None:
+    for failure in failures:
+        print(f"FAILED {failure.concept_id or '-'} ({failure.stage}) {failure.uri}: {failure.reason}", file=sys.stderr)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from elite.model.checkpoints import convert_checkpoint
+    from elite.model.loading import unet_cross_attention_layers
+
+    layers = unet_cross_attention_layers(args.pretrained_model) if args.pretrained_model else None
+    count = convert_checkpoint(args.src, args.dst, layers)
+    print(f"wrote {args.dst} ({count} tensors)")
+    return 0
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from elite.model.encoder import TorchConceptEncoder
+    from elite.model.loading import unet_cross_attention_layers
+    from elite.model.onnx_export import export_concept_encoder
+
+    models = _models(args, encoder_needs("torch"))
+    layers = unet_cross_attention_layers(models["pretrained_model"]) if models["pretrained_model"] else None
+    encoder = TorchConceptEncoder.from_pretrained(str(models["vision_model"]), str(models["global_mapper"]),
+                                                  str(models["local_mapper"]), layers)
+    sources = {"vision_model": str(models["vision_model"]),
+               "global_mapper_file_sha256": sha256_file(str(models["global_mapper"])),
+               "local_mapper_file_sha256": sha256_file(str(models["local_mapper"]))}
+    path = export_concept_encoder(encoder.module, args.out, args.precision, sources)
+    print(f"wrote {path} ({args.precision}, {path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from elite.model.tiny import make_tiny_models
+
+    paths = make_tiny_models(args.out_dir, seed=args.seed)
+    print(json.dumps({k: str(v) for k, v in paths.__dict__.items()}, indent=2))
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from elite.jobs.encode import EncoderSettings, cached_encoder, encode_catalog
+
+    models = _models(args, encoder_needs(args.engine))
+    source = open_store(args.concepts)
+    check_readable(source, "concepts")  # before the models load: a mistyped folder fails in a second
+    embeddings = embedding_store(args.store)
+    encoder = cached_encoder(EncoderSettings(args.engine, models["onnx_path"], models["vision_model"],
+                                             models["global_mapper"], models["local_mapper"],
+                                             models["pretrained_model"], args.encode_device, args.dtype))
+    with tqdm(desc="encoding", unit="concept") as bar:
+        report = encode_catalog(source, embeddings, encoder, manifest=args.manifest, batch_size=args.batch_size,
+                                reports=open_store(args.store), replace_sources=args.replace_sources,
+                                progress=bar.update)
+    _print_failures(report.failures)
+    print(f"encoded {report.done} concepts ({report.skipped} already stored, {len(report.failures)} failed) with "
+          f"{report.encoder_id[:18]} on {getattr(encoder, 'device', '?')} -> {args.store}"
+          + (f"\n  failures: {report.failures_uri}" if report.failures_uri else ""))
+    return 1 if report.failures else 0
+
+
+def _prompts(args: argparse.Namespace) -> tuple[list[PromptSpec], list[Failure]]:
+    if args.prompt and args.prompts:
+        raise InputError("give --prompt (repeatable) or --prompts FILE, not both")
+    if args.prompt:
+        return [PromptSpec(p, args.images_per_prompt, placeholder=args.placeholder) for p in args.prompt], []
+    specs, failures = load_prompts(args.prompts)
+    if args.images_per_prompt != 1 and args.prompts is None:
+        specs = [PromptSpec(s.template, args.images_per_prompt) for s in specs]
+    return specs, failures
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from elite.jobs.generate import GenerationSettings, generate_catalog
+
+    models = _models(args, GENERATOR_NEEDS)
+    prompts, prompt_failures = _prompts(args)
+    embeddings = embedding_store(args.store)
+    out = open_store(args.out)
+    settings = GenerationSettings(str(models["pretrained_model"]), str(models["global_mapper"]),
+                                  str(models["local_mapper"]), args.encoder_id, args.steps, args.guidance_scale,
+                                  args.lambda_local, args.height, args.width, args.dtype)
+    devices = args.device.split(",") if args.device not in (None, "auto") else None
+    with tqdm(desc="generating", unit="image") as bar:
+        report = generate_catalog(embeddings, prompts, out, settings, concept_ids=args.concept,
+                                  batch_size=args.batch_size, base_seed=args.seed, devices=devices,
+                                  prompt_failures=prompt_failures, progress=bar.update)
+    _print_failures(report.failures)
+    print(f"generated {report.generated} images ({report.skipped} already there, {len(report.failures)} failed) "
+          f"in {report.out_uri}" + (f"\n  manifest: {report.manifest_uri}" if report.manifest_uri else "")
+          + (f"\n  failures: {report.failures_uri}" if report.failures_uri else ""))
+    return 1 if report.failures else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    where = dict(args.where) if args.where else None
+    manifest = export_embeddings(args.store, args.dest, args.format, concept_ids=args.concept, where=where,
+                                 encoder_id=args.encoder_id, shard_size=args.shard_size,
+                                 token_template=args.token_template)
+    print(f"exported {manifest['exported']} concepts as {args.format} in {manifest['file_count']} file(s) to "
+          f"{manifest['dest_uri']}\n  manifest: {manifest['manifest_uri']}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "convert-checkpoint": cmd_convert, "export-onnx": cmd_export_onnx, "make-tiny-models": cmd_make_tiny,
+    "encode": cmd_encode, "generate": cmd_generate, "export": cmd_export, "personalize": cmd_personalize,
+}
+
+
+def _quiet_libraries() -> None:
+    """Keep the CLI's output to our progress bars and results: no weight-loading bars or backend notices."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser(DEFAULT_PROMPTS).parse_args(argv)
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        return COMMANDS[args.command](args)
+    except EliteError as err:
+        print(f"elite: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

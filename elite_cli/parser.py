@@ -1,0 +1,168 @@
+"""The `elite` command line's options: every one with a line of help, defaults shown by `--help`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+from elite.data.export import DEFAULT_TOKEN_TEMPLATE, FORMATS
+from elite.jobs.models import MODEL_ENV
+
+Formatter = argparse.ArgumentDefaultsHelpFormatter
+MODEL_HELP = {
+    "pretrained_model": "Stable Diffusion 1.x repo id or folder (diffusers layout), e.g. CompVis/stable-diffusion-v1-4",
+    "vision_model": "CLIP vision tower id or folder, e.g. openai/clip-vit-large-patch14",
+    "global_mapper": "global_mapper.pt of the release, or its safetensors conversion",
+    "local_mapper": "local_mapper.pt of the release, or its safetensors conversion",
+    "onnx_path": "ONNX encoder file for --engine onnx (written by `elite export-onnx`)",
+}
+
+
+def _models(parser: argparse.ArgumentParser, *names: str) -> None:
+    group = parser.add_argument_group("models (hub ids or folders; the environment variables give defaults)")
+    for name in names:
+        flag = "--onnx" if name == "onnx_path" else f"--{name.replace('_', '-')}"
+        group.add_argument(flag, dest=name, help=f"{MODEL_HELP[name]} [${MODEL_ENV[name]}]")
+
+
+def _encoder(parser: argparse.ArgumentParser, flag: str) -> None:
+    parser.add_argument("--engine", choices=("torch", "onnx"), default="torch",
+                        help="torch: the models themselves; onnx: an exported encoder on ONNX Runtime")
+    parser.add_argument(flag, dest="encode_device", default="auto",
+                        help="where concepts are encoded: auto (the GPU when there is one), cpu, cuda or cuda:N")
+
+
+def _sampler(parser: argparse.ArgumentParser, tiny_defaults: bool = False) -> None:
+    size = "512, 64 with --tiny" if tiny_defaults else "512"
+    parser.add_argument("--steps", type=int, default=None if tiny_defaults else 100,
+                        help="denoising steps (reference: 100" + ("; 4 with --tiny)" if tiny_defaults else ")"))
+    parser.add_argument("--guidance-scale", type=float, default=5.0, help="classifier-free guidance (reference: 5)")
+    parser.add_argument("--lambda-local", type=float, default=0.8, help="weight of the local branch (reference: 0.8)")
+    parser.add_argument("--height", type=int, default=None if tiny_defaults else 512, help=f"image height ({size})")
+    parser.add_argument("--width", type=int, default=None if tiny_defaults else 512, help=f"image width ({size})")
+    parser.add_argument("--seed", type=int, default=0, help="base of the per-image seeds (each image's seed is "
+                        "derived from it, the concept, the prompt and the image number)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                        help="weights dtype: auto is float16 on CUDA, float32 on the CPU")
+
+
+def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elite", formatter_class=Formatter, description=(
+        "ELITE: encode visual concepts into word embeddings and generate personalised images with Stable "
+        "Diffusion 1.x. Locations are folders or s3://bucket/prefix URIs (S3 settings: docs/storage.md)."))
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep diffusers'/transformers' logs and bars, and show tracebacks of Prefect failures")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    prompts_help = ("prompt file (.txt, .jsonl or .csv; docs/inputs.md), a path or URI; default: "
+                    + " | ".join(default_prompts))
+
+    p = sub.add_parser("personalize", formatter_class=Formatter,
+                       help="the catalog job: encode new concepts, generate missing images (Prefect flow)",
+                       description="Run the personalize_catalog Prefect flow: encode the concepts of a folder or "
+                                   "manifest that are not stored yet, then generate every image of the prompt file "
+                                   "that is missing, under OUT/images, with the embedding store in OUT/embeddings. "
+                                   "Inputs and models are checked before Prefect starts. Without PREFECT_API_URL, "
+                                   "Prefect runs in ephemeral mode (no server; its database under PREFECT_HOME, "
+                                   "default ~/.prefect). Exit status 1 when anything failed.")
+    p.add_argument("--concepts", required=True, help="folder or s3:// prefix of concept images (N.jpg + N_bg.png)")
+    p.add_argument("--manifest", help="a CSV/JSONL manifest key inside --concepts, instead of the folder listing")
+    p.add_argument("--prompts", help=prompts_help)
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--store", help="embedding store location (default: OUT/embeddings)")
+    p.add_argument("--tiny", action="store_true", help="offline: tiny random models (written to --tiny-dir)")
+    p.add_argument("--tiny-dir", default="outputs/tiny-models", help="where --tiny writes its models")
+    _encoder(p, "--encode-device")
+    _sampler(p, tiny_defaults=True)
+    p.add_argument("--batch-size", type=int, default=4, help="images per generation task")
+    p.add_argument("--encode-batch-size", type=int, default=8, help="concepts per encoding task")
+    p.add_argument("--devices", help="generation slots, e.g. cuda:0,cuda:1 (default: every GPU, else cpu)")
+    p.add_argument("--replace-sources", action="store_true",
+                   help="let a concept id stored from another source be replaced (default: a failure naming both)")
+    p.add_argument("--timeout", type=float, help="fail the flow run after this many seconds (default: no limit)")
+    _models(p, "pretrained_model", "vision_model", "global_mapper", "local_mapper", "onnx_path")
+
+    p = sub.add_parser("encode", formatter_class=Formatter, help="encode concept images into the embedding store",
+                       description="Encode every concept of a folder or S3 prefix (N.jpg with an optional mask "
+                                   "N_bg.png, non-zero = object), or of a manifest, into five words and 256 local "
+                                   "tokens each, appended to the embedding store. Concepts stored already with "
+                                   "the same image and mask bytes are skipped; the same job as the encode flow.")
+    p.add_argument("concepts", help="folder or s3:// prefix of concept images")
+    p.add_argument("--store", required=True, help="embedding store folder or s3:// prefix to append to")
+    p.add_argument("--manifest", help="a CSV/JSONL manifest key inside CONCEPTS, instead of the folder listing")
+    p.add_argument("--batch-size", type=int, default=8, help="concepts per encoder call")
+    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                   help="encoder dtype: auto is float16 on CUDA, float32 on the CPU")
+    p.add_argument("--replace-sources", action="store_true",
+                   help="let a concept id stored from another source be replaced (default: a failure naming both)")
+    _encoder(p, "--device")
+    _models(p, "vision_model", "global_mapper", "local_mapper", "pretrained_model", "onnx_path")
+
+    p = sub.add_parser("generate", formatter_class=Formatter, help="generate images for stored concepts",
+                       description="For every stored concept (or --concept) and every prompt, generate the images "
+                                   "not written yet under OUT/<concept>/, with a results manifest and a failures "
+                                   "table under OUT/_runs/: the same job and layout as the generate flow. Prompts "
+                                   "hold the placeholder (default S), e.g. 'a photo of a S on the beach'.")
+    p.add_argument("--store", required=True, help="embedding store folder or s3:// prefix")
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--prompts", help=prompts_help)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt with the placeholder (repeatable; "
+                   "instead of --prompts)")
+    p.add_argument("--placeholder", default="S", help="the placeholder word of --prompt prompts")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="images per concept and --prompt prompt")
+    p.add_argument("--concept", action="append", default=None, help="only this concept id (repeatable)")
+    p.add_argument("--encoder-id", help="read the embeddings of this encoder (needed when several stored them)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
+    p.add_argument("--device", default="auto", help="generation device(s): auto (every GPU, else cpu), cpu, "
+                   "cuda:0 or a comma list (cuda:0,cuda:1)")
+    _sampler(p)
+    _models(p, "pretrained_model", "global_mapper", "local_mapper")
+
+    p = sub.add_parser("export", formatter_class=Formatter, help="export stored embeddings to files",
+                       description="Export the embedding store (all concepts, --concept ids, or --where metadata "
+                                   "filters) as sharded Parquet, safetensors, NumPy or diffusers textual-inversion "
+                                   "files with a manifest.json (docs/export.md): the same job as the export flow.")
+    p.add_argument("store", help="embedding store folder or s3:// prefix")
+    p.add_argument("dest", help="destination folder or s3:// prefix")
+    p.add_argument("--format", choices=FORMATS, default="parquet", help="file format")
+    p.add_argument("--concept", action="append", default=None, help="only this concept id (repeatable)")
+    p.add_argument("--where", action="append", type=_where, metavar="COLUMN=VALUE",
+                   help="only concepts whose metadata column equals the value (repeatable)")
+    p.add_argument("--encoder-id", help="only embeddings of this encoder (needed when several stored them)")
+    p.add_argument("--shard-size", type=int, default=1000, help="concepts per file")
+    p.add_argument("--token-template", default=DEFAULT_TOKEN_TEMPLATE,
+                   help="textual-inversion token of each concept")
+
+    p = sub.add_parser("export-onnx", formatter_class=Formatter, help="export the concept encoder to one ONNX file",
+                       description="Export CLIP vision tower + global mapper + local mapper as one ONNX graph "
+                                   "with a dynamic batch axis. fp32: reference; int8: dynamic int8 weights, the "
+                                   "fast CPU variant; fp16: for CUDA (onnxruntime-gpu).")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32", help="weights precision")
+    _models(p, "vision_model", "global_mapper", "local_mapper", "pretrained_model")
+
+    p = sub.add_parser("convert-checkpoint", formatter_class=Formatter,
+                       help="check a release mapper .pt and convert it to safetensors",
+                       description="Strictly check a release global_mapper.pt / local_mapper.pt (keys and shapes "
+                                   "of SD 1.x + CLIP ViT-L/14) and write it as safetensors. Pickles that hold "
+                                   "anything but tensors are refused, never executed.")
+    p.add_argument("src", help="the release .pt file")
+    p.add_argument("dst", help="output .safetensors file")
+    p.add_argument("--pretrained-model", help="check against this SD repo's UNet layers instead of SD 1.x")
+
+    p = sub.add_parser("make-tiny-models", formatter_class=Formatter,
+                       help="write tiny random models in the real layouts (offline)")
+    p.add_argument("out_dir", help="folder to write the models to")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    return parser
+
+
+def _where(text: str) -> tuple[str, object]:
+    """COLUMN=VALUE; the value as JSON when it parses (2020, true, null), else as text."""
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value

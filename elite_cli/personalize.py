@@ -1,0 +1,94 @@
+"""`elite personalize`: the personalize_catalog Prefect flow from the command line.
+
+Everything a user can mistype (folders, buckets, the manifest, the prompt file, models) is checked here, before
+Prefect starts (its ephemeral API takes seconds to start, more on a busy machine) and before any output is written.
+A run that fails inside Prefect ends in one `elite: error:` line (`--verbose` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from elite.data.objects import LocalStore
+from elite.data.prompts import load_prompts
+from elite.data.storage import open_store
+from elite.errors import EliteError, InputError
+from elite.jobs.common import check_readable
+from elite.jobs.models import GENERATOR_NEEDS, MODEL_ENV, encoder_needs, resolve_models
+
+# Prefect's ephemeral API starts in 7 s on an idle machine and took 13-32 s on a busy 2-core one, past Prefect's
+# 20 s default; a user's own setting wins.
+PREFECT_STARTUP_TIMEOUT = ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+PREFECT_DEFAULTS = (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("DO_NOT_TRACK", "1"), PREFECT_STARTUP_TIMEOUT)
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Fail fast, with one line, on what would otherwise fail minutes into the run."""
+    source = open_store(args.concepts)
+    check_readable(source, "concepts")
+    if args.manifest is not None and not source.exists(args.manifest):
+        raise InputError(f"manifest {source.uri(args.manifest)}: no such file")
+    load_prompts(args.prompts)  # readable, and at least one usable prompt
+    for where in (args.out, args.store):
+        if where is not None:
+            store = open_store(where)  # a valid location; an S3 one must answer (bucket, credentials, endpoint)
+            if not isinstance(store, LocalStore):
+                check_readable(store, "output")
+    for name, value in (("steps", args.steps), ("height", args.height), ("width", args.width)):
+        if value is not None and value < 1:
+            raise InputError(f"--{name} must be at least 1, got {value}")
+
+
+def cmd_personalize(args: argparse.Namespace) -> int:
+    check_inputs(args)
+    given = {name: getattr(args, name, None) for name in MODEL_ENV}
+    steps, height, width = args.steps, args.height, args.width
+    if args.tiny:
+        from elite.model.tiny import make_tiny_models  # diffusers and transformers: only when asked
+
+        tiny = make_tiny_models(args.tiny_dir)  # seeded: the same weights, hence the same encoder id, every run
+        given |= {name: str(getattr(tiny, name)) for name in ("pretrained_model", "vision_model", "global_mapper",
+                                                              "local_mapper")}
+        steps, height, width = steps or 4, height or 64, width or 64
+    models: dict[str, str | None] = resolve_models(GENERATOR_NEEDS + encoder_needs(args.engine), **given)
+    for name, value in PREFECT_DEFAULTS:  # before Prefect is first imported
+        os.environ.setdefault(name, value)
+    try:
+        from flows.personalize import personalize_catalog  # the flows extra: an optional dependency
+    except ImportError as err:
+        raise InputError(f"`elite personalize` runs the Prefect flows: install them with "
+                         f"pip install -e '.[flows]' ({err})") from None
+    flow = personalize_catalog.with_options(timeout_seconds=args.timeout) if args.timeout else personalize_catalog
+    try:
+        report = flow(
+            args.concepts, args.prompts, args.out, store_uri=args.store, manifest=args.manifest, engine=args.engine,
+            steps=steps or 100, height=height or 512, width=width or 512, guidance_scale=args.guidance_scale,
+            lambda_local=args.lambda_local, encode_batch_size=args.encode_batch_size,
+            generate_batch_size=args.batch_size, base_seed=args.seed,
+            devices=args.devices.split(",") if args.devices else None, dtype=args.dtype,
+            encode_device=args.encode_device, replace_sources=args.replace_sources,
+            pretrained_model=models["pretrained_model"], vision_model=models["vision_model"],
+            global_mapper=models["global_mapper"], local_mapper=models["local_mapper"], onnx_path=models["onnx_path"])
+    except EliteError:
+        raise
+    except Exception as err:  # Prefect could not start, the run timed out, or a bug: one line unless --verbose
+        if args.verbose:
+            raise
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise EliteError(f"the personalize-catalog flow run failed: {type(err).__name__}: {first} "
+                         "(--verbose shows the traceback)") from err
+    if report["concepts"] == 0 and not report["failures"]:
+        print(f"elite: error: no concepts found in {args.concepts}", file=sys.stderr)
+        return 1
+    for failure in report["failures"]:
+        print(f"FAILED {failure['concept_id'] or '-'} ({failure['stage']}) {failure['uri']}: {failure['reason']}",
+              file=sys.stderr)
+    print(f"personalize: {report['encoded']} concepts encoded ({report['encode_skipped']} already stored), "
+          f"{report['generated']} images generated ({report['generate_skipped']} already there), "
+          f"{report['failed']} failed\n  images: {report['images_uri']}"
+          + (f"\n  manifest: {report['manifest_uri']}" if report["manifest_uri"] else "")
+          + (f"\n  failures: {report['failures_uri']}" if report["failures_uri"] else "")
+          + ("\n  (tiny random models: the images are noise-like by design)" if args.tiny else ""))
+    return 1 if report["failed"] else 0
