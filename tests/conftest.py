@@ -129,8 +129,17 @@ def prefect_harness() -> Iterator[None]:
     """Prefect's test harness (a temporary database and an API server subprocess), one per session for every test
     that runs a flow. It waits for the server as long as the ephemeral start-up timeout set above (180 s unless the
     environment says otherwise), not its own 30 s default."""
+    from prefect import flow
     from prefect.testing.utilities import prefect_test_harness
+
+    @flow
+    def warm_up() -> int:
+        return 1
 
     startup_timeout = int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
     with prefect_test_harness(server_startup_timeout=startup_timeout):
+        # The first flow run reconfigures Prefect's logging, binding its console handler to sys.stderr as it is
+        # then: run one here, outside any test's capsys, whose stream is closed after its test (a later flow's
+        # log line would then fail, and with log_prints its error report recurses).
+        assert warm_up() == 1
         yield

@@ -14,10 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 import safetensors.numpy
 
-from elite.data.export import export_embeddings, plan_export
+from elite.data.export import plan_export
 from elite.data.storage import open_store
-from elite.data.store import EmbeddingRecord, EmbeddingStore, StoredArrays, sha256_bytes
+from elite.data.store import EmbeddingRecord, EmbeddingStore, StoredArrays
 from elite.errors import InputError
+from elite.fileio import sha256_bytes
+from elite.jobs.export import export_embeddings
 from elite.model.concepts import load_embeddings
 from elite.model.tiny import TEXT_DIM, TinyModels
 

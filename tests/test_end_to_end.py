@@ -1,14 +1,18 @@
 from __future__ import annotations
 
-import json
+import argparse
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from elite.data.sources import find_concepts
-from elite.model.concepts import load_embeddings
+from elite.data.store import EmbeddingRecord, EmbeddingStore
+from elite.fileio import sha256_file
+from elite.model.concepts import ConceptEmbedding
 from elite.model.onnx_encoder import OnnxConceptEncoder
 from elite.model.tiny import TinyModels
 from elite_cli.main import main
@@ -20,35 +24,40 @@ def _model_args(tiny: TinyModels, vision: bool = True) -> list[str]:
     return args + (["--vision-model", str(tiny.vision_model)] if vision else [])
 
 
+def _manifests(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "_runs").glob("generate-*.parquet") if not p.name.endswith("-failures.parquet"))
+
+
 def test_encode_then_generate_every_shared_concept(tiny_models: TinyModels, concepts_dir: Path,
                                                    tmp_path: Path) -> None:
     sources = find_concepts(concepts_dir)
     assert len(sources) >= 11 and all(s.mask is not None for s in sources)
-    emb = tmp_path / "emb.safetensors"
-    assert main(["encode", str(concepts_dir), "--out", str(emb), *_model_args(tiny_models)]) == 0
-    concepts = load_embeddings(emb)
-    assert [c.concept_id for c in concepts] == [s.concept_id for s in sources]
+    store = tmp_path / "store"
+    assert main(["encode", str(concepts_dir), "--store", str(store), *_model_args(tiny_models)]) == 0
+    concepts = EmbeddingStore(store).read_embeddings()
+    assert [c.concept_id for c in concepts] == sorted(s.concept_id for s in sources)
     assert all(c.words.shape == (5, 32) and c.local_tokens.shape == (256, 32) for c in concepts)
     for c in concepts:  # background patches carry no local token
         background = c.mask_grid.flatten() == 0
         assert c.local_tokens[background].abs().sum() == 0 and c.local_tokens[~background].abs().sum() > 0
 
     out = tmp_path / "images"
-    args = ["generate", "--embeddings", str(emb), "--out", str(out), "--prompt", "a photo of S on the beach",
+    args = ["generate", "--store", str(store), "--out", str(out), "--prompt", "a photo of S on the beach",
             "--prompt", "a painting of S", "--steps", "2", "--height", "64", "--width", "48",
             "--batch-size", "8", *_model_args(tiny_models, vision=False)]
     assert main(args) == 0
-    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-    assert len(records) == 2 * len(concepts)
-    for record in records:
-        with Image.open(record["file"]) as image:
-            image.verify()
-        with Image.open(record["file"]) as image:
+    [manifest] = _manifests(out)  # the flows' layout: <concept>/<prompt hash>-i<n>-s<seed>.png + Parquet manifest
+    rows = pq.read_table(manifest).to_pylist()
+    assert len(rows) == 2 * len(concepts) and {r["concept_id"] for r in rows} == {c.concept_id for c in concepts}
+    for row in rows:
+        path = out / row["output_key"]
+        assert row["output_key"].startswith(f"{row['concept_id']}/") and row["sha256"] == sha256_file(path)
+        with Image.open(path) as image:
             assert image.format == "PNG" and image.size == (48, 64)
-    assert not list(out.rglob(".*.tmp"))
-    stamps = {r["file"]: Path(r["file"]).stat().st_mtime_ns for r in records}
-    assert main(args) == 0  # rerun: nothing regenerated
-    assert all(Path(f).stat().st_mtime_ns == t for f, t in stamps.items())
+    assert not list(out.rglob(".*.tmp")) and not list((out / "_runs").glob("*-failures.parquet"))
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    assert main(args) == 0  # rerun: nothing regenerated, and no empty report file
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()) and _manifests(out) == [manifest]
 
 
 def test_encode_records_bad_items_and_keeps_the_rest(tiny_models: TinyModels, concepts_dir: Path, tmp_path: Path,
@@ -62,13 +71,15 @@ def test_encode_records_bad_items_and_keeps_the_rest(tiny_models: TinyModels, co
     Image.new("RGB", (30, 30), "red").save(folder / "nomask.png")
     Image.new("RGB", (30, 30), "red").save(folder / "badmask.png")
     Image.new("L", (10, 10), 255).save(folder / "badmask_bg.png")
-    emb = tmp_path / "emb.safetensors"
-    assert main(["encode", str(folder), "--out", str(emb), "--batch-size", "3", *_model_args(tiny_models)]) == 1
+    store = tmp_path / "store"
+    assert main(["encode", str(folder), "--store", str(store), "--batch-size", "3", *_model_args(tiny_models)]) == 1
     err = capsys.readouterr().err
-    assert "FAILED broken (read): broken: not an image" in err
-    assert "FAILED empty (read)" in err
-    assert "FAILED badmask (preprocess): badmask: mask size 10x10 differs" in err
-    assert sorted(c.concept_id for c in load_embeddings(emb)) == ["1", "2", "nomask"]
+    assert f"FAILED broken (read) {(folder / 'broken.jpg').as_uri()}: " in err and "not an image" in err
+    assert "FAILED empty (read)" in err and "empty file" in err
+    assert "FAILED badmask (preprocess)" in err and "mask size 10x10 differs" in err
+    assert EmbeddingStore(store).concept_ids() == ["1", "2", "nomask"]
+    [table] = (store / "_runs").glob("encode-*-failures.parquet")
+    assert sorted(pq.read_table(table).column("concept_id").to_pylist()) == ["badmask", "broken", "empty"]
 
 
 def test_onnx_engine_into_the_store_is_incremental(tiny_models: TinyModels, exported: dict[str, Path],
@@ -81,16 +92,16 @@ def test_onnx_engine_into_the_store_is_incremental(tiny_models: TinyModels, expo
     store = tmp_path / "store"
     encode = ["encode", str(folder), "--store", str(store), "--engine", "onnx", "--onnx", str(exported["int8"])]
     assert main(encode) == 0
-    assert "encoded 3 of 3 concepts (0 already stored, 0 failed)" in capsys.readouterr().out
+    assert "encoded 3 concepts (0 already stored, 0 failed)" in capsys.readouterr().out
     assert main(encode) == 0  # rerun: nothing new
-    assert "encoded 0 of 3 concepts (3 already stored, 0 failed)" in capsys.readouterr().out
+    assert "encoded 0 concepts (3 already stored, 0 failed)" in capsys.readouterr().out
     shutil.copy(concepts_dir / "7.jpg", folder / "7.jpg")  # a new concept without a mask
     assert main(encode) == 0
-    assert "encoded 1 of 4 concepts (3 already stored, 0 failed)" in capsys.readouterr().out
+    assert "encoded 1 concepts (3 already stored, 0 failed)" in capsys.readouterr().out
     # the torch engine is another encoder: everything is encoded again under its own id
     assert main(["encode", str(folder), "--store", str(store), *_model_args(tiny_models)]) == 0
-    assert "encoded 4 of 4 concepts (0 already stored" in capsys.readouterr().out
-    onnx_id = OnnxConceptEncoder(exported["int8"]).encoder_id
+    assert "encoded 4 concepts (0 already stored" in capsys.readouterr().out
+    onnx_id = OnnxConceptEncoder(exported["int8"], device="cpu").encoder_id
     out = tmp_path / "images"
     assert main(["generate", "--store", str(store), "--encoder-id", onnx_id, "--concept", "7", "--concept", "1",
                  "--out", str(out), "--prompt", "a photo of S", "--steps", "2", "--height", "64", "--width", "64",
@@ -133,28 +144,38 @@ def test_personalize_command_runs_the_catalog_job_offline(prefect_harness: None,
     assert "no concepts found in" in capsys.readouterr().err
 
 
-def test_help_is_there(capsys: pytest.CaptureFixture[str]) -> None:
-    for command in ("encode", "generate", "convert-checkpoint", "personalize", "make-tiny-models"):
+def test_help_is_there_with_a_line_and_a_default_for_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from elite_cli.parser import build_parser
+
+    parser = build_parser(["a photo of a S"])
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == {"personalize", "encode", "generate", "export", "export-onnx", "convert-checkpoint",
+                                "make-tiny-models"}
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            assert action.help, f"elite {name} {action.option_strings or action.dest}: no help text"
         with pytest.raises(SystemExit) as info:
-            main([command, "--help"])
+            main([name, "--help"])
         assert info.value.code == 0
-        assert "usage: elite" in capsys.readouterr().out
+        text = capsys.readouterr().out
+        assert "usage: elite" in text and ("(default:" in text or name == "convert-checkpoint")
 
 
-def test_concept_ids_cannot_escape_the_output_folder(tiny_models: TinyModels, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    import torch
-
-    from elite.model.concepts import ConceptEmbedding, save_embeddings
-
-    emb = tmp_path / "evil.safetensors"
-    save_embeddings(emb, [ConceptEmbedding("../evil", torch.zeros(5, 32), torch.zeros(256, 32), torch.ones(16, 16))])
+def test_concept_ids_that_cannot_name_a_folder_are_failures(tiny_models: TinyModels, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    store = EmbeddingStore(tmp_path / "store")
+    good = ConceptEmbedding("good", torch.zeros(5, 32), torch.zeros(256, 32), torch.ones(16, 16))
+    evil = ConceptEmbedding("../evil", torch.zeros(5, 32), torch.zeros(256, 32), torch.ones(16, 16))
+    store.append([EmbeddingRecord.from_embedding(c, source_uri=f"file:///{n}.jpg", image_sha256=f"{n}" * 64,
+                                                 mask_sha256=None, encoder_id="enc") for n, c in (("a", good),
+                                                                                                  ("b", evil))])
     out = tmp_path / "out" / "images"
-    code = main(["generate", "--embeddings", str(emb), "--out", str(out), "--prompt", "a S", "--steps", "1",
+    code = main(["generate", "--store", str(tmp_path / "store"), "--out", str(out), "--prompt", "a S", "--steps", "1",
                  "--height", "64", "--width", "64", *_model_args(tiny_models, vision=False)])
     assert code == 1
-    assert "concept id '../evil' cannot be used as a folder name" in capsys.readouterr().err
-    assert not (tmp_path / "out" / "evil").exists()
+    err = capsys.readouterr().err
+    assert "FAILED ../evil (generate)" in err and "single key segment" in err
+    assert not (tmp_path / "out" / "evil").exists() and len(list(out.glob("good/*.png"))) == 1
 
 
 def test_two_images_for_one_concept_id_are_refused(tmp_path: Path) -> None:
@@ -172,5 +193,5 @@ def test_personalize_names_missing_models_before_starting(concepts_dir: Path, tm
     for name in ("PRETRAINED_MODEL", "VISION_MODEL", "GLOBAL_MAPPER", "LOCAL_MAPPER"):
         monkeypatch.delenv(f"ELITE_{name}", raising=False)
     assert main(["personalize", "--concepts", str(concepts_dir), "--out", str(tmp_path / "out")]) == 1
-    assert "needs pretrained_model (or $ELITE_PRETRAINED_MODEL)" in capsys.readouterr().err
+    assert "missing pretrained-model (or $ELITE_PRETRAINED_MODEL)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing written, no flow run started

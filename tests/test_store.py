@@ -20,15 +20,9 @@ import pytest
 import torch
 
 import elite.data.store
-from elite.data.store import (
-    SCHEMA_VERSION,
-    EmbeddingRecord,
-    EmbeddingStore,
-    LocalFolder,
-    sha256_bytes,
-    sha256_file,
-)
+from elite.data.store import SCHEMA_VERSION, EmbeddingRecord, EmbeddingStore, LocalFolder
 from elite.errors import InputError, StorageError
+from elite.fileio import sha256_bytes, sha256_file
 from elite.model.concepts import ConceptEmbedding
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,9 +107,10 @@ def test_duplicates_are_skipped(tmp_path: Path) -> None:
     # any part of the key differing is a new row: no mask, another encoder
     new = other.append([make_record(1, masked=False), make_record(1, encoder_id="enc-b"), make_record(3)])
     assert (new.written, new.skipped) == (3, 0)
-    assert store.has(sha256_bytes(b"image 1"), None, "enc-a")
-    assert store.has(sha256_bytes(b"image 1"), sha256_bytes(b"mask 1"), "enc-b")
-    assert not store.has(sha256_bytes(b"image 2"), None, "enc-a")
+    assert store.has("concept-001", sha256_bytes(b"image 1"), None, "enc-a")
+    assert store.has("concept-001", sha256_bytes(b"image 1"), sha256_bytes(b"mask 1"), "enc-b")
+    assert not store.has("concept-002", sha256_bytes(b"image 2"), None, "enc-a")
+    assert not store.has("concept-009", sha256_bytes(b"image 1"), None, "enc-a")  # the key holds the id
     assert len(store.stored_keys()) == 5
     assert store.concept_ids() == ["concept-001", "concept-002", "concept-003"]
     assert store.concept_ids("enc-b") == ["concept-001"]
@@ -124,7 +119,8 @@ def test_duplicates_are_skipped(tmp_path: Path) -> None:
 KILLED_WRITER = r"""
 import sys
 import numpy as np
-from elite.data.store import EmbeddingRecord, EmbeddingStore, sha256_bytes
+from elite.data.store import EmbeddingRecord, EmbeddingStore
+from elite.fileio import sha256_bytes
 
 rows = int(sys.argv[2])
 rng = np.random.default_rng(1)

@@ -36,7 +36,7 @@ from PIL import Image
 import elite
 from elite.data.objects import ObjectStore
 from elite.data.prompts import PromptSpec, WorkItem, batch_work, plan_work
-from elite.data.sources import ConceptRef
+from elite.data.sources import ConceptRef, check_concept_id
 from elite.data.store import EmbeddingStore
 from elite.errors import Failure, InputError
 from elite.fileio import sha256_bytes
@@ -164,7 +164,14 @@ def plan_generate(embeddings: EmbeddingStore, prompts: Sequence[PromptSpec], out
     where = embeddings.storage.uri() + (f" under encoder {encoder_id!r}" if encoder_id else "")
     failures = [Failure(cid, embeddings.storage.uri(), "generate", f"concept id {cid!r} is not in the embedding "
                         f"store at {where}") for cid in asked if cid not in stored]
-    plan = plan_work([stored[cid] for cid in asked if cid in stored], prompts, base_seed)
+    usable = []
+    for cid in asked:
+        if cid in stored:
+            try:
+                usable.append(stored[check_concept_id(cid)])
+            except InputError as err:  # an id that cannot name an output folder: this concept's row only
+                failures.append(Failure(cid, embeddings.storage.uri(), "generate", str(err)))
+    plan = plan_work(usable, prompts, base_seed)
     used = {item.prompt for item in plan}
     unmatched = [f"{spec.template} ({spec.scope})" for spec in prompts
                  if spec.template not in used and (spec.concept_id or spec.class_word)]
