@@ -7,7 +7,7 @@ The flow's report splits its time into `model` (model calls, image decoding, PNG
 
 Encode batches run concurrently (the flow's default ThreadPoolTaskRunner), so their summed `model` and `io` can
 exceed the wall time they cover; the script therefore also records every Stopwatch interval (a wrapper around
-`flows._common.Stopwatch.time` in the flow process, which only records) and reports
+`elite.jobs.common.Stopwatch.time` in the flow process, which only records) and reports
 
     overhead (path) = wall - |union of all model and io intervals|
 
@@ -391,8 +391,8 @@ THREADS: list[str] = []  # the thread of each interval, roughly (appended right 
 
 
 def record_intervals() -> None:
-    """Wrap flows._common.Stopwatch.time so each interval is also recorded (the flows' timing is unchanged)."""
-    import flows._common as common
+    """Wrap elite.jobs.common.Stopwatch.time so each interval is also recorded (the jobs' timing is unchanged)."""
+    import elite.jobs.common as common
 
     def timed(self: Any, kind: str) -> Iterator[None]:
         start = time.perf_counter()
@@ -425,8 +425,8 @@ def record_task_bodies() -> None:
                 TASK_BODIES.append((kind, start, time.perf_counter()))
         return body
 
-    flows.encode.encode_batch.fn = timed("encode", flows.encode.encode_batch.fn)
-    flows.generate.generate_batch.fn = timed("generate", flows.generate.generate_batch.fn)
+    flows.encode.encode_batch_task.fn = timed("encode", flows.encode.encode_batch_task.fn)
+    flows.generate.generate_batch_task.fn = timed("generate", flows.generate.generate_batch_task.fn)
 
 
 def timeline(wall: float, intervals: list[tuple[str, float, float]],
@@ -673,31 +673,30 @@ class _Snapshot:
 # named parts of the flows and of Prefect: (label, file suffix, function name); cumulative CPU time, summed over threads
 PARTS = [
     ("prefect: task runs in worker threads (engine + task body)", "prefect/task_engine.py", "run_task_sync"),
-    ("  our task body: encode_batch", "flows/encode.py", "encode_batch"),
-    ("  our task body: generate_batch", "flows/generate.py", "generate_batch"),
-    ("    of which ElitePipeline.device (diffusers walks the modules on each use)", "elite/pipeline.py", "device"),
+    ("  our task body: encode_batch", "elite/jobs/encode.py", "encode_batch"),
+    ("  our task body: generate_batch", "elite/jobs/generate.py", "generate_batch"),
+    ("    of which ElitePipeline.device (diffusers walks modules on each use)", "elite/model/pipeline.py", "device"),
     ("prefect: Task.submit / runner.submit (flow thread)", "prefect/task_runners.py", "submit"),
     ("prefect: flow runs (run_flow_sync, outermost: the whole run)", "prefect/flow_engine.py", "run_flow_sync"),
     ("  our flow body: personalize_catalog", "flows/personalize.py", "personalize_catalog"),
     ("  our flow body: encode_concepts", "flows/encode.py", "encode_concepts"),
     ("  our flow body: generate_images", "flows/generate.py", "generate_images"),
     ("  future.result() waits (flow thread)", "prefect/futures.py", "result"),
-    ("our planning: list_concepts", "elite/sources.py", "list_concepts"),
-    ("our planning: _hash_concepts (flow thread only)", "flows/encode.py", "_hash_concepts"),
-    ("our planning: _hash_one (hash threads)", "flows/encode.py", "_hash_one"),
-    ("our planning: stored_keys", "elite/store.py", "stored_keys"),
-    ("our planning: _concept_refs / read_info", "flows/generate.py", "_concept_refs"),
-    ("our planning: plan_work", "elite/prompts.py", "plan_work"),
-    ("our planning: _existing (flow thread)", "flows/generate.py", "_existing"),
-    ("our planning: listed (list threads)", "flows/generate.py", "listed"),
-    ("embedding store: _refresh (all threads)", "elite/store.py", "_refresh"),
-    ("embedding store: _load_part", "elite/store.py", "_load_part"),
-    ("embedding store: list_parts", "elite/store.py", "list_parts"),
-    ("embedding store: append", "elite/store.py", "append"),
-    ("embedding store: read_embeddings", "elite/store.py", "read_embeddings"),
-    ("embedding store: _index", "elite/store.py", "_index"),
-    ("reports: put_table", "flows/_common.py", "put_table"),
-    ("reports: publish_summary (artifact)", "flows/_common.py", "publish_summary"),
+    ("our planning: list_concepts", "elite/data/sources.py", "list_concepts"),
+    ("our planning: plan_encode (flow thread only)", "elite/jobs/encode.py", "plan_encode"),
+    ("our planning: _hash (hash threads)", "elite/jobs/encode.py", "_hash"),
+    ("our planning: plan_generate / read_info", "elite/jobs/generate.py", "plan_generate"),
+    ("our planning: plan_work", "elite/data/prompts.py", "plan_work"),
+    ("our planning: _existing (flow thread)", "elite/jobs/generate.py", "_existing"),
+    ("our planning: listed (list threads)", "elite/jobs/generate.py", "listed"),
+    ("embedding store: _refresh (all threads)", "elite/data/store.py", "_refresh"),
+    ("embedding store: _load_part", "elite/data/store.py", "_load_part"),
+    ("embedding store: list_parts", "elite/data/store.py", "list_parts"),
+    ("embedding store: append", "elite/data/store.py", "append"),
+    ("embedding store: read_embeddings", "elite/data/store.py", "read_embeddings"),
+    ("embedding store: _index", "elite/data/store.py", "_index"),
+    ("reports: put_table", "elite/jobs/common.py", "put_table"),
+    ("reports: publish (artifacts)", "flows/_common.py", "publish"),
     ("prefect: API client requests (httpx send, sync)", "httpx/_client.py", "send"),
     ("prefect: log handler emit", "prefect/logging/handlers.py", "emit"),
     ("prefect: events emit", "prefect/events/utilities.py", "emit_event"),

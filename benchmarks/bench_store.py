@@ -176,7 +176,7 @@ def measure_store(records: list[EmbeddingRecord], folder: Path, row_group_rows: 
     root = folder / f"store-{row_group_rows}-{time.monotonic_ns()}"
     store = EmbeddingStore(root, row_group_rows=row_group_rows)
     chosen = [records[i].concept_id for i in np.random.default_rng(3).choice(len(records), 8, replace=False)]
-    key = (records[7].image_sha256, records[7].mask_sha256, "encoder-0")
+    key = (records[7].concept_id, records[7].image_sha256, records[7].mask_sha256, "encoder-0")
     out = {"append_s": seconds(lambda: store.append(records))[0],
            "open_index_s": seconds(lambda: EmbeddingStore(root).concept_ids())[0]}  # footers + key columns
     out["read_all_s"], arrays = seconds(lambda: store.read_arrays())

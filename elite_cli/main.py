@@ -23,6 +23,7 @@ from elite.jobs.export import export_embeddings
 from elite.jobs.models import GENERATOR_NEEDS, MODEL_ENV, encoder_needs, resolve_models
 from elite_cli.parser import build_parser
 from elite_cli.personalize import cmd_personalize
+from elite_cli.quiet import quiet_libraries
 
 # The model side (torch models, diffusers, ONNX export) is imported by the commands that use it: `--help`, a
 # mistyped option or a missing folder answer in a second, not after diffusers has loaded.
@@ -39,6 +40,7 @@ def _print_failures(failures: Sequence[Failure]) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    args.quiet()
     from elite.model.checkpoints import convert_checkpoint
     from elite.model.loading import unet_cross_attention_layers
 
@@ -49,6 +51,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
+    args.quiet()
     from elite.model.encoder import TorchConceptEncoder
     from elite.model.loading import unet_cross_attention_layers
     from elite.model.onnx_export import export_concept_encoder
@@ -66,6 +69,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
+    args.quiet()
     from elite.model.tiny import make_tiny_models
 
     paths = make_tiny_models(args.out_dir, seed=args.seed)
@@ -74,11 +78,12 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from elite.jobs.encode import EncoderSettings, cached_encoder, encode_catalog
-
-    models = _models(args, encoder_needs(args.engine))
     source = open_store(args.concepts)
     check_readable(source, "concepts")  # before the models load: a mistyped folder fails in a second
+    models = _models(args, encoder_needs(args.engine))
+    args.quiet()
+    from elite.jobs.encode import EncoderSettings, cached_encoder, encode_catalog  # the model side: when needed
+
     embeddings = embedding_store(args.store)
     encoder = cached_encoder(EncoderSettings(args.engine, models["onnx_path"], models["vision_model"],
                                              models["global_mapper"], models["local_mapper"],
@@ -106,12 +111,13 @@ def _prompts(args: argparse.Namespace) -> tuple[list[PromptSpec], list[Failure]]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from elite.jobs.generate import GenerationSettings, generate_catalog
-
     models = _models(args, GENERATOR_NEEDS)
     prompts, prompt_failures = _prompts(args)
     embeddings = embedding_store(args.store)
     out = open_store(args.out)
+    args.quiet()
+    from elite.jobs.generate import GenerationSettings, generate_catalog  # the model side: when needed
+
     settings = GenerationSettings(str(models["pretrained_model"]), str(models["global_mapper"]),
                                   str(models["local_mapper"]), args.encoder_id, args.steps, args.guidance_scale,
                                   args.lambda_local, args.height, args.width, args.dtype)
@@ -143,21 +149,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
-def _quiet_libraries() -> None:
-    """Keep the CLI's output to our progress bars and results: no weight-loading bars or backend notices."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(DEFAULT_PROMPTS).parse_args(argv)
-    if not args.verbose:
-        _quiet_libraries()
+    args.quiet = quiet_libraries if not args.verbose else (lambda: None)
     try:
         return COMMANDS[args.command](args)
     except EliteError as err:

@@ -33,6 +33,12 @@ def _encoder(parser: argparse.ArgumentParser, flag: str) -> None:
                         help="where concepts are encoded: auto (the GPU when there is one), cpu, cuda or cuda:N")
 
 
+def _catalog(parser: argparse.ArgumentParser, where: str) -> None:
+    parser.add_argument("--manifest", help=f"a CSV/JSONL manifest key inside {where}, instead of the folder listing")
+    parser.add_argument("--replace-sources", action="store_true",
+                        help="let a concept id stored from another source be replaced (default: a failure naming both)")
+
+
 def _sampler(parser: argparse.ArgumentParser, tiny_defaults: bool = False) -> None:
     size = "512, 64 with --tiny" if tiny_defaults else "512"
     parser.add_argument("--steps", type=int, default=None if tiny_defaults else 100,
@@ -66,7 +72,7 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
                                    "Prefect runs in ephemeral mode (no server; its database under PREFECT_HOME, "
                                    "default ~/.prefect). Exit status 1 when anything failed.")
     p.add_argument("--concepts", required=True, help="folder or s3:// prefix of concept images (N.jpg + N_bg.png)")
-    p.add_argument("--manifest", help="a CSV/JSONL manifest key inside --concepts, instead of the folder listing")
+    _catalog(p, "--concepts")
     p.add_argument("--prompts", help=prompts_help)
     p.add_argument("--out", required=True, help="output folder or s3:// prefix")
     p.add_argument("--store", help="embedding store location (default: OUT/embeddings)")
@@ -77,8 +83,6 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="images per generation task")
     p.add_argument("--encode-batch-size", type=int, default=8, help="concepts per encoding task")
     p.add_argument("--devices", help="generation slots, e.g. cuda:0,cuda:1 (default: every GPU, else cpu)")
-    p.add_argument("--replace-sources", action="store_true",
-                   help="let a concept id stored from another source be replaced (default: a failure naming both)")
     p.add_argument("--timeout", type=float, help="fail the flow run after this many seconds (default: no limit)")
     _models(p, "pretrained_model", "vision_model", "global_mapper", "local_mapper", "onnx_path")
 
@@ -89,12 +93,10 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
                                    "the same image and mask bytes are skipped; the same job as the encode flow.")
     p.add_argument("concepts", help="folder or s3:// prefix of concept images")
     p.add_argument("--store", required=True, help="embedding store folder or s3:// prefix to append to")
-    p.add_argument("--manifest", help="a CSV/JSONL manifest key inside CONCEPTS, instead of the folder listing")
+    _catalog(p, "CONCEPTS")
     p.add_argument("--batch-size", type=int, default=8, help="concepts per encoder call")
     p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                    help="encoder dtype: auto is float16 on CUDA, float32 on the CPU")
-    p.add_argument("--replace-sources", action="store_true",
-                   help="let a concept id stored from another source be replaced (default: a failure naming both)")
     _encoder(p, "--device")
     _models(p, "vision_model", "global_mapper", "local_mapper", "pretrained_model", "onnx_path")
 
@@ -126,7 +128,7 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("dest", help="destination folder or s3:// prefix")
     p.add_argument("--format", choices=FORMATS, default="parquet", help="file format")
     p.add_argument("--concept", action="append", default=None, help="only this concept id (repeatable)")
-    p.add_argument("--where", action="append", type=_where, metavar="COLUMN=VALUE",
+    p.add_argument("--where", action="append", type=name_value, metavar="COLUMN=VALUE",
                    help="only concepts whose metadata column equals the value (repeatable)")
     p.add_argument("--encoder-id", help="only embeddings of this encoder (needed when several stored them)")
     p.add_argument("--shard-size", type=int, default=1000, help="concepts per file")
@@ -157,11 +159,11 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
-def _where(text: str) -> tuple[str, object]:
-    """COLUMN=VALUE; the value as JSON when it parses (2020, true, null), else as text."""
+def name_value(text: str) -> tuple[str, object]:
+    """NAME=VALUE; the value as JSON when it parses (2020, true, null, a list), else as text."""
     name, equals, value = text.partition("=")
     if not equals or not name:
-        raise argparse.ArgumentTypeError(f"expected COLUMN=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     try:
         return name, json.loads(value)
     except ValueError:

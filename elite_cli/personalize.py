@@ -43,6 +43,7 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 def cmd_personalize(args: argparse.Namespace) -> int:
     check_inputs(args)
+    args.quiet()
     given = {name: getattr(args, name, None) for name in MODEL_ENV}
     steps, height, width = args.steps, args.height, args.width
     if args.tiny:

@@ -88,4 +88,4 @@ def encode_concepts(concepts_uri: str, store_uri: str, engine: str = "torch", on
         "throughput": f"{report.done / wall:.2f} concepts/s", "encoder": report.encoder_id,
         "device": getattr(encoder, "device", "?")},
         {"embedding store": store_uri, "failures": report.failures_uri}, report.failures)
-    return {**dataclasses.asdict(report), "store_uri": store_uri}
+    return {**dataclasses.asdict(report), "failed": len(report.failures), "store_uri": store_uri}

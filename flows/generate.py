@@ -97,4 +97,4 @@ def generate_images(store_uri: str, prompts_uri: str | None, out_uri: str, pretr
         "failed": len(report.failures), "planned": report.planned,
         "throughput": f"{report.generated / wall:.2f} images/s", "devices": ", ".join(slots)},
         {"images": out_uri, "manifest": report.manifest_uri, "failures": report.failures_uri}, report.failures)
-    return dataclasses.asdict(report)
+    return {**dataclasses.asdict(report), "failed": len(report.failures)}

@@ -13,7 +13,6 @@ process's environment: the ELITE_* model locations and S3 settings go there. Wor
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -25,6 +24,7 @@ from prefect.types.entrypoint import EntrypointType
 
 from elite.errors import InputError
 from elite.jobs.models import GENERATOR_NEEDS, MODEL_ENV, encoder_needs, resolve_models
+from elite_cli.parser import name_value
 from flows.export import export_embeddings
 from flows.personalize import join_uri, personalize_catalog
 
@@ -56,17 +56,6 @@ def build_deployments(concepts_uri: str, prompts_uri: str, out_uri: str, *, cron
     return deployments
 
 
-def _parameter(text: str) -> tuple[str, Any]:
-    """NAME=VALUE, the value read as JSON (numbers, lists, null), else kept as a string."""
-    name, equals, value = text.partition("=")
-    if not equals or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    try:
-        return name, json.loads(value)
-    except ValueError:
-        return name, value
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--concepts-uri", required=True, help="the catalog: a folder or s3:// prefix")
@@ -74,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out-uri", required=True, help="images, embedding store and run tables go under it")
     parser.add_argument("--cron", default=CRON, help=f"when personalize-catalog runs (default {CRON!r})")
     parser.add_argument("--timezone", default=TIMEZONE, help=f"an IANA name the cron is read in (default {TIMEZONE})")
-    parser.add_argument("--param", type=_parameter, action="append", default=[], metavar="NAME=VALUE",
+    parser.add_argument("--param", type=name_value, action="append", default=[], metavar="NAME=VALUE",
                         help="another personalize_catalog parameter, e.g. steps=50; repeatable")
     args = parser.parse_args(argv)
     parameters = dict(args.param)

@@ -70,7 +70,7 @@ def test_entrypoint_and_parameters(project: dict[str, Any], name: str, flow_name
 
 def test_job_variables_are_settings_elite_reads(project: dict[str, Any]) -> None:
     from elite.data.storage import StorageSettings, storage_settings_from_env
-    from flows.personalize import MODEL_ENV
+    from elite.jobs.models import MODEL_ENV
 
     s3_names = {f"ELITE_S3_{field.name.upper()}" for field in dataclasses.fields(StorageSettings)}
     for deployment in project["deployments"]:
@@ -120,7 +120,7 @@ def test_serve_refuses_bad_parameters_and_missing_models(monkeypatch: pytest.Mon
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from prefect.exceptions import ParameterTypeError
 
-    from flows.personalize import MODEL_ENV
+    from elite.jobs.models import MODEL_ENV
     from flows.serve import build_deployments, main
 
     with pytest.raises(ParameterTypeError, match="steps"):

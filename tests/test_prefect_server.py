@@ -133,7 +133,7 @@ def test_flows_and_deployments_on_a_real_server(tiny_models: TinyModels, concept
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.workers.process import ProcessWorker
 
-    from flows.personalize import MODEL_ENV
+    from elite.jobs.models import MODEL_ENV
 
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
