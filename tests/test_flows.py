@@ -146,7 +146,13 @@ def test_s3_outage_mid_run_then_rerun_completes(prefect_harness: None, tiny_mode
         put(self, key, data)
 
     monkeypatch.setattr(S3Store, "put", put_then_fail)
+    from flows.encode import encode_batch_task
+    from flows.generate import generate_batch_task
     from flows.personalize import personalize_catalog
+
+    for task in (encode_batch_task, generate_batch_task):  # the outage's retries without the production delays
+        assert task.retries == 2 and task.retry_delay_seconds == [2.0, 10.0]
+        monkeypatch.setattr(task, "retry_delay_seconds", [0.1, 0.1])
 
     state = personalize_catalog(f"{root}/catalog", f"{root}/prompts.txt", f"{root}/out", **_models(tiny_models),
                                 steps=2, height=64, width=64, generate_batch_size=3, return_state=True)

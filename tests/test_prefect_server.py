@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -189,11 +190,13 @@ def test_flows_and_deployments_on_a_real_server(tiny_models: TinyModels, concept
         def batches() -> dict[str, Any]:  # task runs reach the server as events: recorded a little later
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
                 any_=[runs["encode-concepts"].id, runs["generate-images"].id])))
-            done = {t.name.rsplit("-", 1)[0]: t for t in tasks if t.state_type == StateType.COMPLETED}
-            return done if {"encode_batch", "generate_batch"} <= set(done) else {}
+            # task runs are named after what they hold: "encode 1..3 (3)", "generate 1 (1)"
+            done = {t.name.split(" ", 1)[0]: t for t in tasks if t.state_type == StateType.COMPLETED}
+            return done if {"encode", "generate"} <= set(done) else {}
 
         tasks = _wait("completed batch task runs", batches, 60)
-        assert "elite-gpu" in tasks["generate_batch"].tags  # the limit exists: generation batches take its slots
+        assert re.fullmatch(r"encode \S+ \(\d+\)|encode \S+\.\.\S+ \(\d+\)", tasks["encode"].name), tasks["encode"].name
+        assert "elite-gpu" in tasks["generate"].tags  # the limit exists: generation batches take its slots
         [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
             any_=["personalize-catalog"])))
         assert artifact.type == "markdown" and artifact.flow_run_id == parent.id
