@@ -114,6 +114,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     models = _models(args, GENERATOR_NEEDS)
     prompts, prompt_failures = _prompts(args)
     embeddings = embedding_store(args.store)
+    if not embeddings.part_names():  # a mistyped --store would otherwise "generate 0 images" and succeed
+        raise InputError(f"the embedding store at {args.store} holds no concepts (encode some with `elite encode`)")
     out = open_store(args.out)
     args.quiet()
     from elite.jobs.generate import GenerationSettings, generate_catalog  # the model side: when needed

@@ -186,7 +186,7 @@ sys.exit(code)
 """
 
 
-@pytest.mark.parametrize("case", ["folder", "bucket", "prompts", "manifest", "encode-folder"])
+@pytest.mark.parametrize("case", ["folder", "bucket", "prompts", "manifest", "encode-folder", "generate-store"])
 def test_mistyped_inputs_fail_at_once_with_one_line_and_write_nothing(case: str, s3_server: MotoS3,
                                                                       tmp_path: Path) -> None:
     """Checked before Prefect starts and before a model loads: one line, exit 1, no output folder."""
@@ -201,6 +201,9 @@ def test_mistyped_inputs_fail_at_once_with_one_line_and_write_nothing(case: str,
         "manifest": ([*personalize, "--concepts", str(tmp_path / "catalog"), "--manifest", "m.csv"],
                      "m.csv: no such file"),
         "encode-folder": (["encode", str(tmp_path / "nope"), "--store", str(out)], "nope: no such folder"),
+        "generate-store": (["generate", "--store", str(tmp_path / "nope"), "--out", str(out), "--pretrained-model",
+                            str(tmp_path), "--global-mapper", __file__, "--local-mapper", __file__],
+                           "holds no concepts"),
     }[case]
     settings = s3_server.settings()
     env = {**os.environ, "ELITE_S3_ENDPOINT_URL": settings.endpoint_url or "", "ELITE_S3_REGION": "us-east-1",
