@@ -12,9 +12,7 @@ Guide: docs/inputs.md.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import posixpath
@@ -24,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
 
-from elite.data.sources import ConceptRef, jsonl_rows
+from elite.data.sources import ConceptRef, csv_rows, jsonl_rows
 from elite.data.storage import open_object
 from elite.errors import Failure, InputError
 from elite.model.placeholders import placeholder_pattern
@@ -143,14 +141,11 @@ def _txt_rows(text: str, name: str) -> Iterator[tuple[int, dict[str, Any] | str]
 
 
 def _csv_rows(text: str, name: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))  # fields beyond the header go under the key None
-    if reader.fieldnames is None:
-        raise InputError(f"{name}: empty prompt file (no header row)")
-    for row in reader:
-        if row.pop(None, None):
-            yield reader.line_num, f"more fields than the header's {len(reader.fieldnames)}"
+    for line, row in csv_rows(text, name, "prompt file"):
+        if isinstance(row, str):
+            yield line, row
             continue
-        values: dict[str, Any] = {k: v.strip() for k, v in row.items() if v is not None and v.strip()}
+        values: dict[str, Any] = {k: v.strip() for k, v in row.items() if v.strip()}
         # CSV cells are text: convert the numeric columns here so the JSONL and CSV paths share the checks
         try:
             if "images" in values:
@@ -158,9 +153,9 @@ def _csv_rows(text: str, name: str) -> Iterator[tuple[int, dict[str, Any] | str]
             if "seeds" in values:  # "1 2 3", "1;2;3" or a quoted "1,2,3"
                 values["seeds"] = [int(s) for s in re.split(r"[\s,;]+", values["seeds"]) if s]
         except ValueError as err:
-            yield reader.line_num, f"not an integer: {err}"
+            yield line, f"not an integer: {err}"
             continue
-        yield reader.line_num, values
+        yield line, values
 
 
 def _prompt_spec(row: Mapping[str, Any]) -> PromptSpec:

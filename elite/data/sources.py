@@ -128,7 +128,7 @@ def read_manifest(store: ObjectStore, key: str,
         text = store.get(key).decode("utf-8-sig")  # -sig: spreadsheets often write a BOM
     except UnicodeDecodeError as err:
         raise InputError(f"{store.uri(key)}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    rows = _csv_rows(text, store.uri(key)) if suffix == ".csv" else jsonl_rows(text)
+    rows = csv_rows(text, store.uri(key), "manifest", ("concept_id", "image")) if suffix == ".csv" else jsonl_rows(text)
     folder = posixpath.dirname(key)
     refs: list[ConceptRef] = []
     failures: list[Failure] = []
@@ -149,21 +149,23 @@ def read_manifest(store: ObjectStore, key: str,
     return refs if strict else (refs, failures)
 
 
-def _csv_rows(text: str, where: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    """(line, row) per CSV record; values stay strings. Blank lines are skipped by the csv module."""
+def csv_rows(text: str, where: str, what: str,
+             required: tuple[str, ...] = ()) -> Iterator[tuple[int, dict[str, str] | str]]:
+    """(line, row) per CSV record, values as text ("" where a short row lacks a field, as a spreadsheet would), or
+    (line, reason) for a row with more fields than the header. Blank lines are skipped by the csv module. A file
+    without a header, or whose header lacks a `required` column, is an InputError naming `where` (the `what`)."""
     reader = csv.DictReader(io.StringIO(text, newline=""))  # fields beyond the header go under the key None
     if reader.fieldnames is None:
-        raise InputError(f"{where}: empty manifest (no header row)")
-    missing = [c for c in ("concept_id", "image") if c not in reader.fieldnames]
+        raise InputError(f"{where}: empty {what} (no header row)")
+    missing = [c for c in required if c not in reader.fieldnames]
     if missing:
         raise InputError(f"{where}: header lacks column(s) {', '.join(missing)}; has {', '.join(reader.fieldnames)}")
     for row in reader:
-        extra = row.pop(None, None)
+        extra = row.pop(None, None)  # DictReader's key for surplus fields
         if extra:
             count = len(reader.fieldnames)
             yield reader.line_num, f"{count + len(extra)} fields, the header has {count}"
         else:
-            # a short row leaves None for its missing fields: treat those as empty, as a spreadsheet would
             yield reader.line_num, {k: "" if v is None else v for k, v in row.items()}
 
 

@@ -216,6 +216,14 @@ class EmbeddingStore:
         self._refresh()
         return frozenset(self._keys)
 
+    def current(self, encoder_id: str) -> dict[str, tuple[str, str | None, str]]:
+        """concept id -> (image sha256, mask sha256, source URI) of its newest row under `encoder_id`, from the
+        cached key columns (no tensor or metadata read): what an encode run plans with."""
+        newest = _newest_rows(self._index(encoder_id), check_encoders=False)
+        return dict(zip(newest.column("concept_id").to_pylist(), zip(
+            newest.column("image_sha256").to_pylist(), newest.column("mask_sha256").to_pylist(),
+            newest.column("source_uri").to_pylist(), strict=True), strict=True))
+
     def concept_ids(self, encoder_id: str | None = None) -> list[str]:
         index = self._index(encoder_id)
         return sorted(set(index.column("concept_id").to_pylist()))

@@ -43,7 +43,8 @@ CORE_SCHEMA = pa.schema([
 ])
 CORE_COLUMNS = frozenset(CORE_SCHEMA.names)
 TENSOR_COLUMNS = ("words", "local_tokens", "mask_grid")
-INDEX_COLUMNS = ["concept_id", "image_sha256", "mask_sha256", "encoder_id", "created_at"]
+# read once per part and kept: enough to plan an encode run (identity, changed bytes, source) without more reads
+INDEX_COLUMNS = ["concept_id", "source_uri", "image_sha256", "mask_sha256", "encoder_id", "created_at"]
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 StoreKey = tuple[str, str, str | None, str]  # (concept id, image sha256, mask sha256 or None, encoder id): dedupe key

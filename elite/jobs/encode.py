@@ -137,10 +137,7 @@ def plan_encode(locations: Locations, refs: Sequence[ConceptRef], embeddings: Em
     with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="elite-hash") as pool:
         hashed = list(pool.map(lambda ref: _hash(locations, ref), refs))
     failures = [h for h in hashed if isinstance(h, Failure)]
-    info = embeddings.read_info(None, encoder_id)  # the newest row per stored concept, no tensors
-    stored = {cid: (image, mask, uri) for cid, image, mask, uri in zip(
-        info.column("concept_id").to_pylist(), info.column("image_sha256").to_pylist(),
-        info.column("mask_sha256").to_pylist(), info.column("source_uri").to_pylist(), strict=True)}
+    stored = embeddings.current(encoder_id)  # the newest row per stored concept, from the cached key columns
     ready: list[str] = []
     groups: dict[tuple[str, str | None], list[ConceptRef]] = {}
     for entry in hashed:
