@@ -24,8 +24,21 @@ class Failure:
     stage: str  # manifest, prompts, read, preprocess, encode, generate, write
     reason: str
 
+    def __post_init__(self) -> None:
+        # A file name may hold bytes that are not UTF-8 (Python keeps them as surrogates) or control characters:
+        # recording the failure must never fail itself, so every field becomes printable text (b"\xff" -> "\\xff")
+        for name in ("concept_id", "uri", "stage", "reason"):
+            object.__setattr__(self, name, printable(str(getattr(self, name))))
+
     def row(self) -> dict[str, str]:
         return {"concept_id": self.concept_id, "uri": self.uri, "stage": self.stage, "reason": self.reason}
+
+
+def printable(text: str) -> str:
+    """`text` as valid, one-line UTF-8: undecodable bytes of a file name (surrogates) and control characters
+    written as backslash escapes, so a name cannot break a table, a log line or the terminal."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(f"\\x{ord(c):02x}" if c < " " or c == "\x7f" else c for c in text)
 
 
 class EliteError(Exception):

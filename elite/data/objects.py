@@ -12,16 +12,19 @@ from __future__ import annotations
 import builtins
 import contextlib
 import datetime
+import hashlib
+import io
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, cast
 
 from elite.errors import InputError, StorageError
-from elite.fileio import atomic_path, fsync_folder, sha256_file
+from elite.fileio import atomic_path, fsync_folder
 
 MiB = 1024 * 1024
 _TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # elite.fileio.atomic_path's in-progress files
@@ -148,12 +151,29 @@ class LocalStore:
         yield from sorted(found, key=lambda info: info.key)
 
     def get(self, key: str) -> bytes:
-        with self._errors(key, "read"):
-            return self._path(key).read_bytes()
+        with self._errors(key, "read"), self._open_regular(key) as handle:
+            return handle.read()
 
     def open(self, key: str) -> BinaryIO:
         with self._errors(key, "open"):
-            return open(self._path(key), "rb")  # the caller closes it
+            return self._open_regular(key)  # the caller closes it
+
+    def _open_regular(self, key: str) -> io.BufferedReader:
+        """Open a key for reading only if it is a regular file. O_NONBLOCK makes opening a FIFO return at once
+        (a plain open waits for a writer), and the check is on the opened file itself, so nothing can be swapped
+        in between; reading a FIFO or a device (/dev/zero) would block or never end."""
+        fd = os.open(self._path(key), os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(
+                    mode) else "a socket" if stat.S_ISSOCK(mode) else "a folder" if stat.S_ISDIR(mode) else "special"
+                raise StorageError(f"{self.uri(key)}: not a regular file ({kind}); refused, reading it could block")
+            os.set_blocking(fd, True)
+            return cast(io.BufferedReader, os.fdopen(fd, "rb"))
+        except BaseException:
+            os.close(fd)
+            raise
 
     def put(self, key: str, data: bytes | str | os.PathLike[str]) -> None:
         path = self._path(key)
@@ -170,10 +190,8 @@ class LocalStore:
         return self._path(key).is_file()
 
     def sha256(self, key: str) -> str:
-        path = self._path(key)
-        if not path.is_file():
-            raise StorageError(f"{self.uri(key)}: not found")
-        return sha256_file(path)
+        with self._errors(key, "hash"), self._open_regular(key) as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
 
     def delete(self, key: str) -> None:
         with self._errors(key, "delete"):

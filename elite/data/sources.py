@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 from elite.data.objects import LocalStore, ObjectStore, check_key, is_uri
-from elite.errors import Failure, InputError
+from elite.errors import Failure, InputError, printable
 
 __all__ = ["ConceptRef", "ConceptSource", "MetadataValue", "find_concepts", "list_concepts", "read_manifest"]
 
@@ -51,38 +51,84 @@ class ConceptRef:
     metadata: dict[str, MetadataValue] = field(default_factory=dict)  # a manifest's other columns, unchanged
 
 
+MAX_ID_BYTES = 200  # an id names a folder and files (<id>.safetensors): under the usual 255-byte name limit
+
+
 def check_concept_id(concept_id: str) -> str:
-    """`concept_id` if it can name an output folder (one clean key segment), else InputError."""
+    """`concept_id` if it can name an output folder (one clean key segment of valid UTF-8, at most MAX_ID_BYTES
+    bytes), else InputError."""
     if not concept_id or "/" in concept_id:
-        raise InputError(f"concept id {concept_id!r} is empty or holds '/'; it must be a single key segment")
+        raise InputError(f"concept id {printable(concept_id)!r} is empty or holds '/'; it must be a single key "
+                         "segment")
+    try:
+        size = len(concept_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InputError(f"concept id {printable(concept_id)!r} is not valid UTF-8 (a file name with bytes of "
+                         "another encoding?); rename the file") from None
+    if size > MAX_ID_BYTES:
+        raise InputError(f"concept id {concept_id[:40]!r}... is {size} bytes long; at most {MAX_ID_BYTES} (it names "
+                         "the concept's output folder)")
     check_key(concept_id)  # refuses '.', '..', backslashes and control characters, as every store key
     return concept_id
 
 
 # ---- folder convention ---------------------------------------------------------------------------
 
-def list_concepts(store: ObjectStore, prefix: str = "") -> list[ConceptRef]:
+@overload
+def list_concepts(store: ObjectStore, prefix: str = "", strict: Literal[True] = True) -> list[ConceptRef]: ...
+@overload
+def list_concepts(store: ObjectStore, prefix: str,
+                  strict: Literal[False]) -> tuple[list[ConceptRef], list[Failure]]: ...
+
+
+def list_concepts(store: ObjectStore, prefix: str = "",
+                  strict: bool = True) -> list[ConceptRef] | tuple[list[ConceptRef], list[Failure]]:
     """Concepts directly under `prefix` (a folder: '' or 'a/b'), sorted by id.
 
     Every `<name>.<jpg|jpeg|png|webp>` (suffix in any case) not ending in `_bg.png` is a concept with id
     `<name>`; `<name>_bg.png` next to it is its mask. Deeper keys and other files (README, SOURCE.md) are
-    ignored, as is a mask without an image. Two images of one name (`a.jpg`, `a.png`) are an InputError
-    naming both: which one was meant cannot be guessed, and picking one would silently encode the other never.
+    ignored, as is a mask without an image. Two images of one name (`a.jpg`, `a.png`) are an error naming
+    both: which one was meant cannot be guessed, and picking one would silently encode the other never. A name
+    that cannot be a concept id (`check_concept_id`: backslashes, control characters, bytes that are not UTF-8,
+    too long) is an error too. strict=True: the first such error raises InputError; strict=False: each is a
+    `Failure` of the `list` stage, returned with the good concepts.
     """
     folder = prefix.strip("/")
     start = f"{folder}/" if folder else ""
-    images: dict[str, str] = {}
-    masks: dict[str, str] = {}
+    images: dict[str, list[str]] = {}
+    masks: dict[str, list[str]] = {}
     for info in store.list(start):  # paginated by the store; every key at any depth under `start`
         name = info.key[len(start):]
         if "/" in name:
             continue  # a sub-folder's files belong to another listing
         lower = name.lower()
         if lower.endswith(MASK_SUFFIX):
-            _add_unique(masks, name[: -len(MASK_SUFFIX)], info.key, store, "masks")
+            masks.setdefault(name[: -len(MASK_SUFFIX)], []).append(info.key)
         elif lower.endswith(IMAGE_SUFFIXES) and not name.startswith("."):
-            _add_unique(images, posixpath.splitext(name)[0], info.key, store, "images")
-    return [ConceptRef(concept_id, key, masks.get(concept_id)) for concept_id, key in sorted(images.items())]
+            images.setdefault(posixpath.splitext(name)[0], []).append(info.key)
+    refs: list[ConceptRef] = []
+    failures: list[Failure] = []
+    for concept_id, keys in sorted(images.items()):
+        try:
+            for what, found in (("images", keys), ("masks", masks.get(concept_id, []))):
+                if len(found) > 1:
+                    raise InputError(f"concept {printable(concept_id)!r} has two {what}: "
+                                     f"{' and '.join(uri_of(store, k) for k in found)}; keep one")
+            mask = masks.get(concept_id)
+            refs.append(ConceptRef(check_concept_id(concept_id), keys[0], mask[0] if mask else None))
+        except InputError as err:
+            if strict:
+                raise
+            failures.append(Failure(concept_id, uri_of(store, keys[0]), "list", str(err)))
+    return refs if strict else (refs, failures)
+
+
+def uri_of(store: ObjectStore, key: str) -> str:
+    """The URI of a key for messages, even a key the store would refuse (a backslash, a control character)."""
+    try:
+        return store.uri(key)
+    except InputError:
+        return f"{store.uri()}/{printable(key)}"
 
 
 def find_concepts(folder: str | os.PathLike[str]) -> list[ConceptSource]:
@@ -92,13 +138,6 @@ def find_concepts(folder: str | os.PathLike[str]) -> list[ConceptSource]:
         raise InputError(f"{root}: not a folder")
     return [ConceptSource(ref.concept_id, root / ref.image, None if ref.mask is None else root / ref.mask)
             for ref in list_concepts(LocalStore(root))]
-
-
-def _add_unique(found: dict[str, str], name: str, key: str, store: ObjectStore, what: str) -> None:
-    if name in found:
-        raise InputError(f"concept {name!r} has two {what}: {store.uri(found[name])} and {store.uri(key)}; "
-                         "keep one")
-    found[name] = key
 
 
 # ---- manifests -----------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from elite.data.objects import ObjectStore
-from elite.data.sources import ConceptRef, list_concepts, read_manifest
+from elite.data.objects import ObjectStore, is_uri
+from elite.data.sources import ConceptRef, list_concepts, read_manifest, uri_of
 from elite.data.store import EmbeddingStore
 from elite.data.store_format import EmbeddingRecord
 from elite.errors import EliteError, Failure, InputError, StorageError, TransientStorageError
@@ -124,11 +124,11 @@ def list_refs(source: ObjectStore, manifest: str | None = None) -> tuple[list[Co
     check_readable(source, "concepts")
     if manifest is not None:
         return read_manifest(source, manifest, strict=False)
-    refs = list_concepts(source)
-    if not refs:
+    refs, failures = list_concepts(source, "", strict=False)
+    if not refs and not failures:
         logger.warning("no concept images (<name>.jpg/.jpeg/.png/.webp) directly under %s; sub-folders are not "
                        "listed (use a manifest for nested catalogs)", source.uri())
-    return refs, []
+    return refs, failures
 
 
 def plan_encode(locations: Locations, refs: Sequence[ConceptRef], embeddings: EmbeddingStore, encoder_id: str,
@@ -158,7 +158,7 @@ def plan_encode(locations: Locations, refs: Sequence[ConceptRef], embeddings: Em
 
 
 def _hash(locations: Locations, ref: ConceptRef) -> tuple[ConceptRef, str, str | None, str] | Failure:
-    uri = ref.image
+    uri = uri_of(locations.store, ref.image) if not is_uri(ref.image) else ref.image
     try:
         uri = locations.uri(ref.image)
         image_sha = locations.sha256(ref.image)
