@@ -69,6 +69,17 @@ def test_wrong_shape_and_unexpected_key_are_named(tiny_models: TinyModels, tmp_p
         load_mapper(LocalMapper, tmp_path / "extra.pt", layers)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_named_by_file_and_key(tiny_models: TinyModels, tmp_path: Path, bad: float) -> None:
+    """NaN mapper weights gave black images with exit 0; the checkpoint, not the first concept, is at fault."""
+    state = _tiny_state(tiny_models)
+    state["mapping_2.3.weight"][0, 0] = bad
+    torch.save(state, tmp_path / "nan.pt")
+    layers = unet_cross_attention_layers(tiny_models.pretrained_model)
+    with pytest.raises(CheckpointError, match=r"nan\.pt: key 'mapping_2\.3\.weight' holds 1 non-finite value"):
+        load_mapper(GlobalMapper, tmp_path / "nan.pt", layers)
+
+
 def test_mapper_for_another_unet_is_refused(tiny_models: TinyModels) -> None:
     # tiny mapper checked against the SD 1.x release layout: the first layer has the wrong width
     with pytest.raises(CheckpointError, match=r"key 'down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"

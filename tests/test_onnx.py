@@ -86,3 +86,21 @@ def test_bad_files_and_inputs(onnx_fp32: Path, tmp_path: Path) -> None:
         encoder.run(np.zeros((2, 3, 64, 64), np.float32), good, np.ones((2, 16, 16), np.float32))
     with pytest.raises(InputError, match=r"mask_grid has shape \(3, 16, 16\)"):
         encoder.run(good, good, np.ones((3, 16, 16), np.float32))
+
+
+def test_an_onnx_file_without_elite_metadata_or_outputs_is_refused(onnx_fp32: Path, tmp_path: Path) -> None:
+    """The right input names are not enough: a foreign graph would be accepted as an encoder and store garbage."""
+    import onnx
+
+    model = onnx.load(str(onnx_fp32))
+    del model.metadata_props[:]
+    onnx.save(model, str(tmp_path / "bare.onnx"))
+    with pytest.raises(CheckpointError, match=r"bare\.onnx: no elite\.version, .* in its metadata"):
+        OnnxConceptEncoder(tmp_path / "bare.onnx", device="cpu")
+    model = onnx.load(str(onnx_fp32))
+    model.graph.output[1].name = "tokens"  # outputs of another graph
+    for node in model.graph.node:
+        node.output[:] = ["tokens" if name == "local_tokens" else name for name in node.output]
+    onnx.save(model, str(tmp_path / "other.onnx"))
+    with pytest.raises(CheckpointError, match=r"other\.onnx: outputs .* are not those of an ELITE encoder"):
+        OnnxConceptEncoder(tmp_path / "other.onnx", device="cpu")

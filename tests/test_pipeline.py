@@ -104,7 +104,7 @@ def test_bad_calls_are_clear(pipe: ElitePipeline, concepts: list[ConceptEmbeddin
     alien = ConceptEmbedding("alien", torch.zeros(5, 768), torch.zeros(256, 768), torch.ones(16, 16))
     with pytest.raises(InputError, match=r"concept 'alien' has embeddings of width 768; .* takes 32"):
         pipe("a S", alien, **SMALL)
-    with pytest.raises(InputError, match="multiples of 8"):
+    with pytest.raises(InputError, match="multiple of 8"):
         pipe("a S", concepts[0], **{**SMALL, "height": 60})
     with pytest.raises(InputError, match="float16 needs a CUDA device"):
         ElitePipeline.from_pretrained(tiny_models.pretrained_model, None, tiny_models.global_mapper,

@@ -30,6 +30,8 @@ from elite.model.placeholders import placeholder_pattern
 __all__ = ["DEFAULT_PROMPTS", "PromptSpec", "WorkItem", "batch_work", "derive_seed", "load_prompts", "plan_work",
            "read_prompts"]
 
+# Images per prompt and concept: a plan is built up front, so 50,000,000 would exhaust memory minutes later
+MAX_IMAGES = 1000
 DEFAULT_PROMPTS = ("a photo of a S on the beach", "a painting of a S in the style of van gogh")
 PROMPT_FIELDS = ("template", "prompt", "images", "concept_id", "class_word", "seeds")
 
@@ -49,8 +51,9 @@ class PromptSpec:
         if not placeholder_pattern([self.placeholder]).search(self.template):  # "Sunset" has no "S"
             raise InputError(f"prompt {self.template!r} does not contain the placeholder {self.placeholder!r} "
                              "as a word")
-        if isinstance(self.images, bool) or not isinstance(self.images, int) or self.images < 1:
-            raise InputError(f"prompt {self.template!r}: images must be an integer >= 1, got {self.images!r}")
+        if isinstance(self.images, bool) or not isinstance(self.images, int) or not 1 <= self.images <= MAX_IMAGES:
+            raise InputError(f"prompt {self.template!r}: images must be an integer from 1 to {MAX_IMAGES}, got "
+                             f"{self.images!r}")
         if self.concept_id is not None and self.class_word is not None:
             raise InputError(f"prompt {self.template!r}: give concept_id or class_word, not both")
         if self.seeds is not None:

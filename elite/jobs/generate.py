@@ -53,7 +53,7 @@ from elite.jobs.common import (
 from elite.model.concepts import ConceptEmbedding
 from elite.model.devices import cuda_devices, resolve_dtype
 from elite.model.encoder import state_digest
-from elite.model.pipeline import ElitePipeline
+from elite.model.pipeline import ElitePipeline, check_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,13 @@ class GenerationSettings:
     height: int = 512  # paper: 512x512
     width: int = 512
     dtype: str = "auto"  # float16 on CUDA, float32 on the CPU; or float32 / float16 / bfloat16
+
+    def __post_init__(self) -> None:
+        """Refuse what would generate something else than asked, silently: NaN lambda gave black images, NaN
+        guidance turned guidance off, -3 steps saved undenoised noise."""
+        check_sampler(self.steps, self.guidance_scale, self.lambda_local, self.height, self.width)
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise InputError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
 
 
 MANIFEST_SCHEMA = pa.schema([

@@ -91,6 +91,9 @@ def check_state_dict(state: dict[str, torch.Tensor], config: MapperConfig, sourc
             )
         if not state[key].is_floating_point():
             raise CheckpointError(f"{source}: key {key!r} has dtype {state[key].dtype}, expected a float type")
+        if not bool(torch.isfinite(state[key]).all()):  # NaN or inf weights give black images, silently
+            bad = int((~torch.isfinite(state[key])).sum())
+            raise CheckpointError(f"{source}: key {key!r} holds {bad} non-finite value(s) (NaN or inf)")
     for key in state:
         if key not in expected:
             raise CheckpointError(f"{source}: unexpected key {key!r}")

@@ -26,6 +26,7 @@ from elite.model.encoder import PreprocessingEncoder
 from elite.model.preprocessing import ConceptPreprocessor
 
 logger = logging.getLogger(__name__)
+REQUIRED_METADATA = ("elite.version", "elite.precision", "elite.image_size", "elite.mask_grid", "elite.text_dim")
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
 
@@ -90,12 +91,30 @@ class OnnxConceptEncoder(PreprocessingEncoder):
         names = [i.name for i in self.session.get_inputs()]
         if names != ["pixel_values", "object_pixel_values", "mask_grid"]:
             raise CheckpointError(f"{self.path}: inputs {names} are not those of an exported ELITE encoder")
+        self._check_exported()
         self.input_dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
-        shape = self.session.get_inputs()[0].shape  # (batch, 3, size, size)
-        size = int(self.metadata.get("elite.image_size", shape[2]))
-        grid = int(self.metadata.get("elite.mask_grid", self.session.get_inputs()[2].shape[1]))
-        self.preprocessor = ConceptPreprocessor(size, grid)
+        self.preprocessor = ConceptPreprocessor(int(self.metadata["elite.image_size"]),
+                                                int(self.metadata["elite.mask_grid"]))
         self._encoder_id: str | None = None
+
+    def _check_exported(self) -> None:
+        """A file with the right input names is not yet an ELITE encoder: it must carry the metadata `elite
+        export-onnx` writes and give (batch, words, text_dim) words and (batch, patches, text_dim) local tokens."""
+        missing = [key for key in REQUIRED_METADATA if key not in self.metadata]
+        if missing:
+            raise CheckpointError(f"{self.path}: no {', '.join(missing)} in its metadata: not written by `elite "
+                                  "export-onnx` (export the encoder with it)")
+        outputs = {o.name: len(o.shape) for o in self.session.get_outputs()}
+        if outputs != {"words": 3, "local_tokens": 3}:
+            raise CheckpointError(f"{self.path}: outputs {outputs} (name: rank) are not those of an ELITE encoder, "
+                                  "{'words': 3, 'local_tokens': 3}")
+        try:
+            sizes = [int(self.metadata[key]) for key in ("elite.image_size", "elite.mask_grid")]
+        except ValueError:
+            sizes = []
+        if len(sizes) != 2 or min(sizes) < 1:
+            raise CheckpointError(f"{self.path}: metadata elite.image_size / elite.mask_grid are not positive "
+                                  "integers")
 
     def _start(self, ort: Any, options: Any, providers: list[Any]) -> Any:
         try:

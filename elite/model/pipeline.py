@@ -8,6 +8,7 @@ normalised per sample by default, so an image does not depend on what else is in
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -179,9 +180,7 @@ class ElitePipeline:
                      else [n for n in negative_prompt for _ in range(num_images_per_prompt)])
         if len(negatives) != batch:
             raise InputError(f"got {len(negatives)} negative prompts for {batch} images")
-        if height % self.vae_scale_factor or width % self.vae_scale_factor or height <= 0 or width <= 0:
-            raise InputError(f"height and width must be positive multiples of {self.vae_scale_factor}, "
-                             f"got {height}x{width}")
+        check_sampler(num_inference_steps, guidance_scale, lambda_local, height, width, self.vae_scale_factor)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise InputError(f"unknown output_type {output_type!r}")
         if attention_normalization not in ("per_sample", "batch"):
@@ -295,3 +294,22 @@ class ElitePipeline:
         rows = torch.arange(first_row, first_row + batch)
         return LocalInjection(rows.to(self.device), tokens.to(self.device, self.dtype), index.to(self.device),
                               weight.to(self.device), normalization)
+
+
+MAX_STEPS = 1000  # the scheduler's training steps: more denoising steps than that do not exist
+
+
+def check_sampler(steps: int, guidance_scale: float, lambda_local: float, height: int, width: int,
+                  multiple: int = 8) -> None:
+    """InputError for sampler settings that cannot be meant: steps outside 1..1000, a guidance scale or lambda
+    that is not a finite number, a size that is not a positive multiple of the VAE's downsampling."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise InputError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+    for name, value in (("guidance_scale", guidance_scale), ("lambda_local", lambda_local)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise InputError(f"{name} must be a finite number, got {value!r}")
+    if guidance_scale < 0:
+        raise InputError(f"guidance_scale must be at least 0 (1 or less turns guidance off), got {guidance_scale}")
+    for name, size in (("height", height), ("width", width)):
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % multiple:
+            raise InputError(f"{name} must be a positive multiple of {multiple}, got {size!r}")
