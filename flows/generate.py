@@ -24,8 +24,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 
-from elite.data.prompts import WorkItem, load_prompts
-from elite.jobs.generate import GenerateBatchResult, GenerationSettings, generate_batch, generate_catalog
+from elite.data.prompts import load_prompts
+from elite.jobs.generate import GenerateBatch, GenerateBatchResult, GenerationSettings, generate_batch, generate_catalog
 from elite.jobs.models import GENERATOR_NEEDS, resolve_models
 from elite.model.devices import cuda_devices
 from flows._common import (
@@ -46,7 +46,7 @@ GPU_TAG = "elite-gpu"
 @task(cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_transient,
       task_run_name="generate {label}")
 def generate_batch_task(store_uri: str, out_uri: str, settings: GenerationSettings, devices: list[str],
-                        batch: list[WorkItem], label: str) -> GenerateBatchResult:
+                        batch: GenerateBatch, label: str) -> GenerateBatchResult:
     """Generate one batch and put its PNGs (retried only on transient storage errors)."""
     return generate_batch(embeddings_at(store_uri), store_at(out_uri), settings, devices, batch)
 
@@ -82,10 +82,10 @@ def generate_images(store_uri: str, prompts_uri: str | None, out_uri: str, pretr
     tags = gpu_tags()
     batch_task = generate_batch_task.with_options(tags=tags) if tags else generate_batch_task
 
-    def run_batches(batches: Sequence[list[WorkItem]]) -> Any:
+    def run_batches(batches: Sequence[GenerateBatch]) -> Any:
         parameters = [{"store_uri": store_uri, "out_uri": out_uri, "settings": settings, "devices": slots,
-                       "batch": batch, "label": batch_label(batch[0].concept_id, batch[-1].concept_id, len(batch))}
-                      for batch in batches]
+                       "batch": batch, "label": batch_label(batch.items[0].concept_id, batch.items[-1].concept_id,
+                                                            len(batch.items))} for batch in batches]
         return run_bounded(batch_task, parameters, len(slots))  # one thread per slot: never more in flight
 
     report = generate_catalog(embeddings_at(store_uri), prompts, store_at(out_uri), settings,

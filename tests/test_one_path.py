@@ -243,3 +243,38 @@ def test_the_flows_retry_only_transient_errors() -> None:
     assert not retry_transient(None, None, State(ValueError("a bug")))
     assert Failure("a", "file:///a.jpg", "read", "x").row() == {"concept_id": "a", "uri": "file:///a.jpg",
                                                                  "stage": "read", "reason": "x"}
+
+
+def test_manifest_rows_survive_a_stopped_run(tiny_models: TinyModels, concepts_dir: Path, tmp_path: Path) -> None:
+    """Rows are written with each batch; a rerun makes again the images that have none, so every image on the
+    store ends with exactly one row, and its hash."""
+    from elite.data.prompts import PromptSpec
+    from elite.jobs.generate import GenerationSettings, generate_batch, generate_catalog
+
+    folder, store = tmp_path / "catalog", tmp_path / "store"
+    for name in ("1", "2"):
+        _concept(concepts_dir, folder, name, name)
+    assert main(["encode", str(folder), "--store", str(store), *_models(tiny_models)]) == 0
+    embeddings, out = EmbeddingStore(store), open_store(tmp_path / "images")
+    settings = GenerationSettings(str(tiny_models.pretrained_model), str(tiny_models.global_mapper),
+                                  str(tiny_models.local_mapper), steps=1, height=64, width=64)
+    prompts = [PromptSpec("a photo of S", images=2)]
+
+    def stopped(batches: Any) -> Any:  # two batches done, then the process dies
+        for batch in batches[:2]:
+            yield generate_batch(embeddings, out, settings, ["cpu"], batch)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate_catalog(embeddings, prompts, out, settings, batch_size=1, devices=["cpu"], run_batches=stopped)
+    batch_files = sorted(p.name for p in (tmp_path / "images" / "_runs").rglob("batch-*.parquet"))
+    assert batch_files == ["batch-000000.parquet", "batch-000001.parquet"]
+    [second] = (tmp_path / "images" / "_runs").rglob("batch-000001.parquet")
+    second.unlink()  # as if killed between the batch's PNG and its rows
+    report = generate_catalog(embeddings, prompts, out, settings, batch_size=1, devices=["cpu"])
+    assert (report.generated, report.skipped) == (3, 1)  # 2 never made, 1 made without its row
+    files = sorted(p.relative_to(tmp_path / "images").as_posix() for p in (tmp_path / "images").rglob("*.png"))
+    rows = pq.read_table([p for p in (tmp_path / "images" / "_runs").rglob("*.parquet")]).to_pylist()
+    assert sorted(row["output_key"] for row in rows) == files and len(files) == 4
+    assert all(row["sha256"] == sha256_file(tmp_path / "images" / row["output_key"]) for row in rows)
+    assert sum(1 for _ in (tmp_path / "images" / "_runs").rglob("batch-*.parquet")) == 1  # the rerun's are merged

@@ -22,6 +22,7 @@ import datetime
 import io
 import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 import elite
@@ -185,8 +187,46 @@ def plan_generate(embeddings: EmbeddingStore, prompts: Sequence[PromptSpec], out
     for prompt in unmatched:
         logger.warning("prompt %s applies to none of the %d concepts", prompt, len(asked))
     existing = _existing(out, sorted({item.concept_id for item in plan}))
-    todo = [item for item in plan if item.output_key not in existing]
+    recorded = recorded_outputs(out)
+    unrecorded = [item for item in plan if item.output_key in existing and item.output_key not in recorded]
+    if unrecorded:  # written by a run killed before its rows: made again (same seed, same bytes), with a row
+        logger.warning("%d image(s) under %s have no results-manifest row (a run was stopped midway?); they are "
+                       "generated again so that every image has its row", len(unrecorded), out.uri())
+    todo = [item for item in plan if item.output_key not in existing or item.output_key not in recorded]
     return GeneratePlan(todo, len(plan), failures, unmatched)
+
+
+MANIFESTS = "_runs/"
+_RUN_FILE = re.compile(r"generate-([0-9TZ]+)\.parquet")
+_BATCH_FILE = re.compile(r"generate-([0-9TZ]+)/batch-\d+\.parquet")
+
+
+def recorded_outputs(out: ObjectStore) -> set[str]:
+    """Output keys with a results-manifest row: every run's file, and the batch files of runs that did not finish.
+    Batch files of a run whose own file exists (it was stopped while dropping them) are dropped here."""
+    runs, batches = set(), []
+    for info in out.list(MANIFESTS):
+        name = info.key[len(MANIFESTS):]
+        if match := _RUN_FILE.fullmatch(name):
+            runs.add(match.group(1))
+        elif match := _BATCH_FILE.fullmatch(name):
+            batches.append((match.group(1), info.key))
+    for stamp in {stamp for stamp, _ in batches if stamp in runs}:
+        _drop_batch_files(out, stamp)
+    keys = [f"{MANIFESTS}generate-{stamp}.parquet" for stamp in sorted(runs)]
+    keys += [key for stamp, key in batches if stamp not in runs]
+
+    def output_keys(key: str) -> list[str]:
+        table = pq.read_table(io.BytesIO(out.get(key)), columns=["output_key"])
+        return [str(k) for k in table.column("output_key").to_pylist()]
+
+    with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="elite-manifests") as pool:
+        return {k for found in pool.map(output_keys, keys) for k in found}
+
+
+def _drop_batch_files(out: ObjectStore, stamp: str) -> None:
+    for info in list(out.list(f"{MANIFESTS}generate-{stamp}/")):
+        out.delete(info.key)
 
 
 def _existing(out: ObjectStore, concept_ids: list[str]) -> set[str]:
@@ -201,6 +241,20 @@ def _existing(out: ObjectStore, concept_ids: list[str]) -> set[str]:
 # ---- generating -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class GenerateBatch:
+    """One batch of a run: its rows go to `_runs/generate-<run>/batch-<number>.parquet` as soon as its PNGs are
+    written, so a run killed midway leaves a manifest row for every image it wrote."""
+
+    run: str  # the run's stamp
+    number: int
+    items: list[WorkItem]
+
+    @property
+    def manifest_key(self) -> str:
+        return f"{MANIFESTS}generate-{self.run}/batch-{self.number:06d}.parquet"
+
+
+@dataclass(frozen=True)
 class GenerateBatchResult:
     rows: list[dict[str, Any]]  # results-manifest rows (MANIFEST_SCHEMA)
     failures: list[Failure]
@@ -208,9 +262,10 @@ class GenerateBatchResult:
 
 
 def generate_batch(embeddings: EmbeddingStore, out: ObjectStore, settings: GenerationSettings,
-                   devices: Sequence[str], batch: Sequence[WorkItem]) -> GenerateBatchResult:
-    """Generate one batch on a free device slot and put its PNGs. A batch the pipeline refuses as a whole (one
-    prompt too long, say) is run one item at a time, so only the bad items fail."""
+                   devices: Sequence[str], work: GenerateBatch) -> GenerateBatchResult:
+    """Generate one batch on a free device slot, put its PNGs, then its manifest rows. A batch the pipeline refuses
+    as a whole (one prompt too long, say) is run one item at a time, so only the bad items fail."""
+    batch = work.items
     clock = Stopwatch()
     with clock.time("io"):
         concepts = {c.concept_id: c for c in embeddings.read_embeddings(
@@ -235,6 +290,8 @@ def generate_batch(embeddings: EmbeddingStore, out: ObjectStore, settings: Gener
         with clock.time("io"):
             out.put(item.output_key, data)
         rows.append({**asdict(item), **common, "output_uri": out.uri(item.output_key), "sha256": sha256_bytes(data)})
+    with clock.time("io"):
+        put_table(out, work.manifest_key, rows, MANIFEST_SCHEMA)
     return GenerateBatchResult(rows, failures, clock.seconds)
 
 
@@ -270,7 +327,7 @@ class GenerateReport:
 def generate_catalog(embeddings: EmbeddingStore, prompts: Sequence[PromptSpec], out: ObjectStore,
                      settings: GenerationSettings, *, concept_ids: Sequence[str] | None = None, batch_size: int = 4,
                      base_seed: int = 0, devices: Sequence[str] | None = None, prompt_failures: Sequence[Failure] = (),
-                     run_batches: BatchRunner[list[WorkItem], GenerateBatchResult] | None = None,
+                     run_batches: BatchRunner[GenerateBatch, GenerateBatchResult] | None = None,
                      progress: Callable[[int], None] | None = None) -> GenerateReport:
     """Every image of `prompts` for the stored concepts (`concept_ids`, default all) that `out` lacks.
 
@@ -288,23 +345,25 @@ def generate_catalog(embeddings: EmbeddingStore, prompts: Sequence[PromptSpec], 
         plan = plan_generate(embeddings, prompts, out, concept_ids=concept_ids, encoder_id=settings.encoder_id,
                              base_seed=base_seed)
     failures = [*prompt_failures, *plan.failures]
-    batches = batch_work(plan.todo, batch_size)
+    stamp = run_stamp()
+    batches = [GenerateBatch(stamp, n, items) for n, items in enumerate(batch_work(plan.todo, batch_size))]
     runner = run_batches or run_sequentially(lambda b: generate_batch(embeddings, out, settings, slots, b))
     rows: list[dict[str, Any]] = []
     for batch, result in zip(batches, runner(batches), strict=True):
         if isinstance(result, Exception):  # failed after its retries: its images are failures, not lost
             failures += [Failure(i.concept_id, out.uri(i.output_key), "generate", f"{type(result).__name__}: "
-                                 f"{result}") for i in batch]
+                                 f"{result}") for i in batch.items]
         else:
             rows += result.rows
             failures += result.failures
             clock.add(result.seconds)
         if progress is not None:
-            progress(len(batch))
-    stamp = run_stamp()
+            progress(len(batch.items))
     with clock.time("io"):
-        manifest_uri = put_table(out, f"_runs/generate-{stamp}.parquet", rows, MANIFEST_SCHEMA)
-        failures_uri = put_failures(out, f"_runs/generate-{stamp}-failures.parquet", failures)
+        # the run's rows in one file, then its batch files go: one file per run to read, not one per batch
+        manifest_uri = put_table(out, f"{MANIFESTS}generate-{stamp}.parquet", rows, MANIFEST_SCHEMA)
+        _drop_batch_files(out, stamp)
+        failures_uri = put_failures(out, f"{MANIFESTS}generate-{stamp}-failures.parquet", failures)
     return GenerateReport(len(rows), plan.planned - len(plan.todo), plan.planned, failures, manifest_uri,
                           failures_uri, out.uri(), slots, plan.unmatched_prompts,
                           {**clock.seconds, "wall": time.perf_counter() - started})
