@@ -12,7 +12,24 @@ Batch jobs catch `EliteError` per item, record it as a `Failure` and carry on.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
+
+# Variables whose values are credentials: never printed, logged, stored in a table, an artifact or a Prefect state
+SECRET_VARIABLES = ("ELITE_S3_ACCESS_KEY_ID", "ELITE_S3_SECRET_ACCESS_KEY", "ELITE_S3_SESSION_TOKEN",
+                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")  # http://user:password@host -> http://***@host
+
+
+def redact(text: str, secrets: tuple[str | None, ...] = ()) -> str:
+    """`text` without credentials: the user and password of any URL in it, the values of SECRET_VARIABLES as set
+    in this process, and `secrets` (e.g. a StorageSettings' keys), each replaced by ***."""
+    text = _URL_USERINFO.sub("***@", text)
+    for value in (*secrets, *(os.environ.get(name) for name in SECRET_VARIABLES)):
+        if value and len(value) >= 4:  # a one-letter "secret" would blank out text, not hide anything
+            text = text.replace(value, "***")
+    return text
 
 
 @dataclass(frozen=True)
@@ -28,7 +45,7 @@ class Failure:
         # A file name may hold bytes that are not UTF-8 (Python keeps them as surrogates) or control characters:
         # recording the failure must never fail itself, so every field becomes printable text (b"\xff" -> "\\xff")
         for name in ("concept_id", "uri", "stage", "reason"):
-            object.__setattr__(self, name, printable(str(getattr(self, name))))
+            object.__setattr__(self, name, printable(redact(str(getattr(self, name)))))
 
     def row(self) -> dict[str, str]:
         return {"concept_id": self.concept_id, "uri": self.uri, "stage": self.stage, "reason": self.reason}
@@ -42,7 +59,11 @@ def printable(text: str) -> str:
 
 
 class EliteError(Exception):
-    """Base class of every error raised on purpose by `elite`."""
+    """Base class of every error raised on purpose by `elite`. Its message never holds credentials: they are
+    redacted here, so neither a log, a failures table nor a Prefect state can store them."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 class CheckpointError(EliteError):

@@ -8,6 +8,7 @@ A run that fails inside Prefect ends in one `elite: error:` line (`--verbose` sh
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -41,6 +42,32 @@ def check_inputs(args: argparse.Namespace) -> None:
             raise InputError(f"--{name} must be at least 1, got {value}")
 
 
+class _NoTraceback(logging.Formatter):
+    """A console formatter that prints a record's message but not its traceback (Prefect logs one per nested flow
+    run that failed, above our one-line error); the run logs in Prefect's API keep them whole."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _tracebacks_to_run_logs_only() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler  # imported with the flows: Prefect is there
+
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
+    for handler in {h for logger in loggers for h in logger.handlers if isinstance(h, PrefectConsoleHandler)}:
+        if not isinstance(handler.formatter, _NoTraceback):
+            handler.setFormatter(_NoTraceback(handler.formatter))
+
+
 def cmd_personalize(args: argparse.Namespace) -> int:
     check_inputs(args)
     args.quiet()
@@ -61,6 +88,8 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise InputError(f"`elite personalize` runs the Prefect flows: install them with "
                          f"pip install -e '.[flows]' ({err})") from None
+    if not args.verbose:
+        _tracebacks_to_run_logs_only()
     flow = personalize_catalog.with_options(timeout_seconds=args.timeout) if args.timeout else personalize_catalog
     try:
         report = flow(

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,32 @@ def test_state_dict_of_non_tensors_is_refused(tmp_path: Path) -> None:
     torch.save(torch.zeros(2), tmp_path / "tensor.pt")
     with pytest.raises(CheckpointError, match="not a state dict"):
         read_state_dict(tmp_path / "tensor.pt")
+
+
+class _Payload:
+    """Unpickling this would create the file `marker`: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_code_in_a_vision_model_folder_is_refused_with_one_clear_error(tiny_models: TinyModels,
+                                                                       tmp_path: Path) -> None:
+    """A vision tower folder whose weights are a pickle with code: refused by name, nothing runs, no traceback of
+    the unpickler's own making reaches the user."""
+    from elite.model.loading import load_encoder
+
+    folder = tmp_path / "clip-vision"
+    shutil.copytree(tiny_models.vision_model, folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    marker = tmp_path / "code-ran"
+    torch.save({"vision_model.embeddings.class_embedding": _Payload(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"cannot load the vision model from .*clip-vision"):
+        load_encoder("torch", vision_model=folder, global_mapper=tiny_models.global_mapper,
+                     local_mapper=tiny_models.local_mapper, pretrained_model=tiny_models.pretrained_model,
+                     device="cpu")
+    assert not marker.exists()

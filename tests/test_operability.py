@@ -94,3 +94,28 @@ def test_a_prefect_failure_is_one_line(tmp_path: Path, concepts_dir: Path, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["elite: error: the personalize-catalog flow run failed: RuntimeError: Timed out while attempting "
                    "to connect to ephemeral Prefect API server (--verbose shows the traceback)"]
+
+
+def test_a_failing_flow_run_prints_no_tracebacks_above_the_one_line(tiny_models: TinyModels, concepts_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """A damaged mapper file fails inside the encode subflow: Prefect logs a traceback per nested flow run; the CLI
+    keeps them in the run logs and prints the cause once, as its last line."""
+    import os
+    import subprocess
+    import sys
+
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    shutil.copy(concepts_dir / "1.jpg", catalog / "1.jpg")
+    (tmp_path / "damaged.pt").write_bytes(b"\x80\x02 not a checkpoint at all" * 50)
+    models = {**_models(tiny_models), "global_mapper": str(tmp_path / "damaged.pt")}
+    command = [sys.executable, "-m", "elite_cli", "personalize", "--concepts", str(catalog), "--out",
+               str(tmp_path / "out"), "--steps", "1", "--height", "64", "--width", "64",
+               *(arg for name, value in models.items() for arg in (f"--{name.replace('_', '-')}", value))]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    result = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    last = [line for line in result.stderr.splitlines() if line.startswith("elite: error:")]
+    assert len(last) == 1 and "damaged.pt: truncated or not a checkpoint" in last[0]

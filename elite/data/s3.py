@@ -26,7 +26,7 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoC
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from elite.data.objects import MiB, ObjectInfo, check_key, check_prefix, source_file
-from elite.errors import InputError, StorageError, TransientStorageError
+from elite.errors import InputError, StorageError, TransientStorageError, redact
 from elite.fileio import sha256_file
 
 SHA256_METADATA = "sha256"  # sent as x-amz-meta-sha256 with every S3 put
@@ -36,11 +36,12 @@ _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")  # lenient: legacy us-
 
 # ---- settings ------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class StorageSettings:
     """How to reach S3. None leaves a value to boto3's standard chain (environment, ~/.aws, instance role).
 
-    Built by `storage_settings_from_env`; credentials are left out of repr so they never reach a log.
+    Built by `storage_settings_from_env`; credentials are left out of repr (and a password in the endpoint URL
+    is redacted there) so they never reach a log.
     """
 
     endpoint_url: str | None = None  # None: AWS (or AWS_ENDPOINT_URL[_S3], which botocore reads itself)
@@ -64,6 +65,14 @@ class StorageSettings:
     # the least one ranged GET fetches when an object is read piecewise: Parquet footers and key-column chunks are
     # small (pyarrow reads footers in 64 KiB too); a larger read goes out as one GET of its own size
     read_block_size: int = 64 * 1024
+
+    def __repr__(self) -> str:
+        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr]
+        return redact(f"StorageSettings({', '.join(shown)})", self.secrets)
+
+    @property
+    def secrets(self) -> tuple[str | None, ...]:
+        return (self.access_key_id, self.secret_access_key, self.session_token)
 
     def __post_init__(self) -> None:
         choices = {"addressing_style": ("auto", "path", "virtual"), "retry_mode": ("standard", "adaptive", "legacy")}
@@ -132,9 +141,9 @@ class S3Store:
         self.settings = s = storage_settings_from_env() if settings is None else settings
         self._transfer = TransferConfig(multipart_threshold=s.multipart_threshold,
                                         multipart_chunksize=s.multipart_chunksize, max_concurrency=s.max_concurrency)
-        self.endpoint = s.endpoint_url or "AWS"  # for messages until the client has resolved the real URL
+        self.endpoint = redact(s.endpoint_url or "AWS")  # for messages until the client has resolved the real URL
         self.client = self._make_client()
-        self.endpoint = str(self.client.meta.endpoint_url)
+        self.endpoint = redact(str(self.client.meta.endpoint_url))
 
     def _make_client(self) -> Any:
         s = self.settings
@@ -239,11 +248,12 @@ class S3Store:
             yield
         except ClientError as err:
             kind = TransientStorageError if _is_transient(err) else StorageError
-            raise kind(self._client_error_message(key, doing, err)) from err
+            raise kind(redact(self._client_error_message(key, doing, err), self.settings.secrets)) from None
         except (BotoConnectionError, HTTPClientError) as err:  # refused, DNS, TLS, timeouts, dropped connections
-            raise TransientStorageError(self._botocore_error_message(key, doing, err)) from err
+            raise TransientStorageError(redact(self._botocore_error_message(key, doing, err),
+                                               self.settings.secrets)) from None
         except (BotoCoreError, Boto3Error) as err:
-            raise StorageError(self._botocore_error_message(key, doing, err)) from err
+            raise StorageError(redact(self._botocore_error_message(key, doing, err), self.settings.secrets)) from None
 
     def _client_error_message(self, key: str, doing: str, err: ClientError) -> str:
         uri, code = self.uri(key), _error_code(err)

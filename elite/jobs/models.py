@@ -23,6 +23,7 @@ def resolve_models(needed: tuple[str, ...], environ: Mapping[str, str] | None = 
     """Every model location: the given value, else its environment variable, else None. Each of `needed` must be
     found, and a local file or folder named must exist: an InputError names what is missing, before any work."""
     environ = os.environ if environ is None else environ
+    needed = tuple(dict.fromkeys(needed))  # once each, however many jobs need it
     models = {name: given.get(name) or environ.get(var) or None for name, var in MODEL_ENV.items()}
     missing = [name for name in needed if not models[name]]
     if missing:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import safetensors.torch
 import torch
@@ -39,10 +39,15 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # torch's message: a paragraph about weights_only, then the reason; only the reason helps here
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else "")
+        if "GLOBAL" not in reason:  # not a pickle of objects at all: damaged, or some other file
+            raise CheckpointError(f"{path}: truncated or not a checkpoint ({reason})") from None
         raise CheckpointError(
             f"{path}: refused: the pickle holds Python objects other than tensors and could run code "
-            f"(nothing was executed): {_first_line(err)}"
-        ) from err
+            f"(nothing was executed): {reason}"
+        ) from None
     except Exception as err:  # torch and safetensors raise many types for damaged files (zip, EOF, key errors)
         raise CheckpointError(
             f"{path}: truncated or not a checkpoint ({type(err).__name__}: {_first_line(err)})") from err
@@ -131,3 +136,15 @@ def convert_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     check_state_dict(state, infer_config(state, cross_attention_layers, source=str(src)), source=str(src))
     save_safetensors(state, dst, metadata={"format": "pt", "source": Path(src).name})
     return len(state)
+
+
+def load_pretrained(what: str, loader: Any, source: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """`loader.from_pretrained(source, ...)` (a diffusers or transformers class) with its faults as one
+    CheckpointError naming the part and the source: a missing folder, a damaged file, a pickle with code in it
+    (transformers refuses those; nothing runs)."""
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, pickle.UnpicklingError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise CheckpointError(f"cannot load the {what} from {os.fspath(source)}: "
+                              f"{lines[0] if lines else type(err).__name__}") from None

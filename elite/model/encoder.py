@@ -13,7 +13,7 @@ from torch import nn
 from transformers import CLIPVisionModel
 
 from elite.errors import CheckpointError, InputError
-from elite.model.checkpoints import load_mapper
+from elite.model.checkpoints import load_mapper, load_pretrained
 from elite.model.concepts import ConceptEmbedding
 from elite.model.devices import DeviceArg, DtypeArg, check_torch_device, resolve_device, resolve_dtype
 from elite.model.mappers import GlobalMapper, LocalMapper
@@ -123,7 +123,7 @@ class TorchConceptEncoder(PreprocessingEncoder):
         """Load a CLIP vision tower (hub id or folder) and the two mapper files (`.pt` or safetensors)."""
         where = check_torch_device(resolve_device(device))  # before any weight is read: a bad device fails fast
         torch_dtype = resolve_dtype(dtype, where)
-        vision = CLIPVisionModel.from_pretrained(vision_model, torch_dtype=torch_dtype)
+        vision = load_pretrained("vision model", CLIPVisionModel, vision_model, torch_dtype=torch_dtype)
         glob = load_mapper(GlobalMapper, global_mapper, cross_attention_layers, dtype=torch_dtype)
         local = load_mapper(LocalMapper, local_mapper, cross_attention_layers, dtype=torch_dtype)
         check_vision_model(vision, glob, str(vision_model))

@@ -24,7 +24,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel
 
 from elite.errors import CheckpointError, InputError
 from elite.model.attention import LocalInjection, Normalization, elite_attention
-from elite.model.checkpoints import load_mapper
+from elite.model.checkpoints import load_mapper, load_pretrained
 from elite.model.concepts import ConceptEmbedding
 from elite.model.devices import DeviceArg, DtypeArg, check_torch_device, resolve_device, resolve_dtype
 from elite.model.encoder import ConceptEncoderModule, TorchConceptEncoder, check_vision_model
@@ -70,13 +70,6 @@ class ElitePipelineOutput:
     seeds: list[int | None] = field(default_factory=list)  # the seed of each image; None where a generator was given
 
 
-def _load(what: str, loader: Any, source: str | os.PathLike[str], **kwargs: Any) -> Any:
-    try:
-        return loader.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot load the {what} from {source}: {str(err).splitlines()[0]}") from err
-
-
 class ElitePipeline:
     """Load SD 1.x + a CLIP vision tower + the two ELITE mappers; encode concepts; generate images."""
 
@@ -112,11 +105,11 @@ class ElitePipeline:
         if scheduler is not None and not isinstance(scheduler, SchedulerMixin):
             raise InputError(f"scheduler must be a diffusers scheduler, got a {type(scheduler).__name__}")
         kw: dict[str, Any] = {"torch_dtype": torch_dtype}
-        unet = _load("UNet", UNet2DConditionModel, pretrained_model, subfolder="unet", **kw)
-        vae = _load("VAE", AutoencoderKL, pretrained_model, subfolder="vae", **kw)
-        text_encoder = _load("text encoder", CLIPTextModel, pretrained_model, subfolder="text_encoder", **kw)
-        tokenizer = _load("tokenizer", CLIPTokenizer, pretrained_model, subfolder="tokenizer")
-        image_encoder = _load("image encoder", CLIPVisionModel, vision_model, **kw) if vision_model else None
+        unet = load_pretrained("UNet", UNet2DConditionModel, pretrained_model, subfolder="unet", **kw)
+        vae = load_pretrained("VAE", AutoencoderKL, pretrained_model, subfolder="vae", **kw)
+        text_encoder = load_pretrained("text encoder", CLIPTextModel, pretrained_model, subfolder="text_encoder", **kw)
+        tokenizer = load_pretrained("tokenizer", CLIPTokenizer, pretrained_model, subfolder="tokenizer")
+        image_encoder = load_pretrained("image encoder", CLIPVisionModel, vision_model, **kw) if vision_model else None
         layers = cross_attention_layers(unet)
         glob = load_mapper(GlobalMapper, global_mapper, layers, dtype=torch_dtype)
         local = load_mapper(LocalMapper, local_mapper, layers, dtype=torch_dtype)
