@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -16,11 +17,12 @@ from tqdm.auto import tqdm
 
 from elite.data.prompts import DEFAULT_PROMPTS, PromptSpec, load_prompts
 from elite.data.storage import embedding_store, open_store
-from elite.errors import EliteError, Failure, InputError
+from elite.errors import EliteError, Failure, InputError, printable
 from elite.fileio import sha256_file
 from elite.jobs.common import check_readable
 from elite.jobs.export import export_embeddings
 from elite.jobs.models import GENERATOR_NEEDS, MODEL_ENV, encoder_needs, resolve_models
+from elite.model.sampling import check_sampler
 from elite_cli.parser import build_parser
 from elite_cli.personalize import cmd_personalize
 from elite_cli.quiet import quiet_libraries
@@ -111,6 +113,7 @@ def _prompts(args: argparse.Namespace) -> tuple[list[PromptSpec], list[Failure]]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    check_sampler(args.steps, args.guidance_scale, args.lambda_local, args.height, args.width)
     models = _models(args, GENERATOR_NEEDS)
     prompts, prompt_failures = _prompts(args)
     embeddings = embedding_store(args.store)
@@ -151,9 +154,23 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+class _Warnings(logging.Handler):
+    """The library's warnings (a column dropped from a manifest, a prompt that applies to no concept) as
+    `elite: warning: ...` lines on stderr; sys.stderr is looked up per line, as tests and tools swap it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"elite: {record.levelname.lower()}: {printable(record.getMessage())}", file=sys.stderr)
+
+
+WARNINGS = _Warnings(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(DEFAULT_PROMPTS).parse_args(argv)
     args.quiet = quiet_libraries if not args.verbose else (lambda: None)
+    library = logging.getLogger("elite")
+    if WARNINGS not in library.handlers and args.command != "personalize":  # the flows log them to the run's log
+        library.addHandler(WARNINGS)
     try:
         return COMMANDS[args.command](args)
     except EliteError as err:

@@ -18,6 +18,7 @@ from elite.data.storage import open_store
 from elite.errors import EliteError, InputError
 from elite.jobs.common import check_readable
 from elite.jobs.models import GENERATOR_NEEDS, MODEL_ENV, encoder_needs, resolve_models
+from elite.model.sampling import check_sampler
 
 # Prefect's ephemeral API starts in 7 s on an idle machine and took 13-32 s on a busy 2-core one, past Prefect's
 # 20 s default; a user's own setting wins.
@@ -37,9 +38,7 @@ def check_inputs(args: argparse.Namespace) -> None:
             store = open_store(where)  # a valid location; an S3 one must answer (bucket, credentials, endpoint)
             if not isinstance(store, LocalStore):
                 check_readable(store, "output")
-    for name, value in (("steps", args.steps), ("height", args.height), ("width", args.width)):
-        if value is not None and value < 1:
-            raise InputError(f"--{name} must be at least 1, got {value}")
+    check_sampler(args.steps or 1, args.guidance_scale, args.lambda_local, args.height or 8, args.width or 8)
 
 
 class _NoTraceback(logging.Formatter):

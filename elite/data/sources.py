@@ -10,16 +10,19 @@ and read each image only where it is encoded. Guide: docs/inputs.md.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import logging
 import os
 import posixpath
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, overload
 
 from elite.data.objects import LocalStore, ObjectStore, check_key, is_uri
+from elite.data.store_format import CORE_COLUMNS
 from elite.errors import Failure, InputError, printable
 
 __all__ = ["ConceptRef", "ConceptSource", "MetadataValue", "find_concepts", "list_concepts", "read_manifest"]
@@ -29,6 +32,7 @@ MASK_SUFFIX = "_bg.png"  # the release's mask naming
 MANIFEST_COLUMNS = ("concept_id", "image", "mask", "class_word")
 
 MetadataValue = str | int | float | bool | None
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,40 @@ def read_manifest(store: ObjectStore, key: str,
             if strict:
                 raise InputError(f"{store.uri(key)} line {line}: {err}") from None
             failures.append(Failure("", f"{store.uri(key)}:{line}", "manifest", str(err)))
+    refs = _consistent_metadata(refs, store.uri(key))
     return refs if strict else (refs, failures)
+
+
+def _consistent_metadata(refs: list[ConceptRef], where: str) -> list[ConceptRef]:
+    """Metadata columns fit for one Parquet column each, checked once per manifest (a defect of a column would
+    otherwise fail every concept of the batch it lands in, with the first one's reason): a column with an empty
+    name (a spreadsheet's trailing comma) is dropped, numbers of mixed int/float become floats, values of mixed
+    types become text (each with a warning); a column named like a core column of the store is an InputError."""
+    columns = sorted({name for ref in refs for name in ref.metadata})
+    clashing = [name for name in columns if name in CORE_COLUMNS]
+    if clashing:
+        raise InputError(f"{where}: column {clashing[0]!r} has the name of a column the embedding store keeps "
+                         "itself; rename it")
+    dropped = {name for name in columns if not name.strip()}
+    if dropped:
+        logger.warning("%s: a column without a name is ignored (a trailing comma?)", where)
+    convert: dict[str, Callable[[Any], MetadataValue]] = {}
+    for name in set(columns) - dropped:
+        kinds = {type(ref.metadata[name]) for ref in refs if ref.metadata.get(name) is not None}
+        if kinds == {int, float}:
+            convert[name] = float
+        elif len(kinds) > 1:
+            logger.warning("%s: column %r holds %s values; all are kept as text", where, name,
+                           " and ".join(sorted(kind.__name__ for kind in kinds)))
+            convert[name] = str
+    if not convert and not dropped:
+        return refs
+
+    def fixed(metadata: dict[str, MetadataValue]) -> dict[str, MetadataValue]:
+        return {k: convert[k](v) if k in convert and v is not None else v for k, v in metadata.items()
+                if k not in dropped}
+
+    return [dataclasses.replace(ref, metadata=fixed(ref.metadata)) for ref in refs]
 
 
 def csv_rows(text: str, where: str, what: str,

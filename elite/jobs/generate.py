@@ -55,7 +55,8 @@ from elite.jobs.common import (
 from elite.model.concepts import ConceptEmbedding
 from elite.model.devices import cuda_devices, resolve_dtype
 from elite.model.encoder import state_digest
-from elite.model.pipeline import ElitePipeline, check_sampler
+from elite.model.pipeline import ElitePipeline
+from elite.model.sampling import check_sampler
 
 logger = logging.getLogger(__name__)
 
