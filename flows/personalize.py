@@ -58,11 +58,16 @@ def personalize_catalog(concepts_uri: str, prompts_uri: str | None, out_uri: str
                               local_mapper=models["local_mapper"], pretrained_model=models["pretrained_model"],
                               manifest=manifest, batch_size=encode_batch_size, concurrency=encode_concurrency,
                               device=encode_device, dtype=dtype, replace_sources=replace_sources)
-    generated = generate_images(store_uri, prompts_uri, images_uri, models["pretrained_model"],
-                                models["global_mapper"], models["local_mapper"], encoder_id=encoded["encoder_id"],
-                                concept_ids=encoded["concept_ids"], steps=steps, guidance_scale=guidance_scale,
-                                lambda_local=lambda_local, height=height, width=width,
-                                batch_size=generate_batch_size, base_seed=base_seed, devices=devices, dtype=dtype)
+    if encoded["concept_ids"]:
+        generated = generate_images(store_uri, prompts_uri, images_uri, models["pretrained_model"],
+                                    models["global_mapper"], models["local_mapper"],
+                                    encoder_id=encoded["encoder_id"], concept_ids=encoded["concept_ids"], steps=steps,
+                                    guidance_scale=guidance_scale, lambda_local=lambda_local, height=height,
+                                    width=width, batch_size=generate_batch_size, base_seed=base_seed,
+                                    devices=devices, dtype=dtype)
+    else:  # no concept of the catalog is stored (all failed, or none listed): nothing to generate, no flow run
+        generated = {"generated": 0, "skipped": 0, "failures": [], "manifest_uri": None,
+                     "seconds": {"model": 0.0, "io": 0.0}}
     failures = [Failure(**row) for row in encoded["failures"] + generated["failures"]]
     failures_uri = put_failures(store_at(out_uri), f"_runs/personalize-{run_stamp()}-failures.parquet", failures)
     seconds = time.perf_counter() - started

@@ -142,6 +142,11 @@ def test_personalize_command_runs_the_catalog_job_offline(prefect_harness: None,
     (tmp_path / "empty").mkdir()
     assert main([*command[:2], str(tmp_path / "empty"), *command[3:]]) == 1
     assert "no concepts found in" in capsys.readouterr().err
+    (tmp_path / "all-bad").mkdir()  # every concept fails: reported, and no generation run over nothing
+    (tmp_path / "all-bad" / "bad.jpg").write_bytes(b"not an image")
+    assert main([*command[:2], str(tmp_path / "all-bad"), *command[3:]]) == 1
+    assert "FAILED bad (read)" in capsys.readouterr().err
+    assert len(list((out / "_runs").glob("personalize-*-failures.parquet"))) == 2  # the first run's and this one
 
 
 def test_help_is_there_with_a_line_and_a_default_for_every_option(capsys: pytest.CaptureFixture[str]) -> None:
