@@ -53,7 +53,8 @@ class _RunLogForwarder(logging.Handler):
 def capture_library_logs() -> None:
     """Forward `elite.*` INFO and above to Prefect's run logs (once per process)."""
     library = logging.getLogger("elite")
-    if not any(isinstance(h, _RunLogForwarder) for h in library.handlers):
+    # by name, not class: Prefect may execute this file again as another module (load_flow_from_entrypoint)
+    if not any(type(h).__name__ == _RunLogForwarder.__name__ for h in library.handlers):
         library.addHandler(_RunLogForwarder(logging.INFO))
         if library.level == logging.NOTSET:
             library.setLevel(logging.INFO)
