@@ -159,7 +159,8 @@ class _Warnings(logging.Handler):
     `elite: warning: ...` lines on stderr; sys.stderr is looked up per line, as tests and tools swap it."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(f"elite: {record.levelname.lower()}: {printable(record.getMessage())}", file=sys.stderr)
+        # write, not print: inside a Prefect run with log_prints, print would be logged a second time
+        sys.stderr.write(f"elite: {record.levelname.lower()}: {printable(record.getMessage())}\n")
 
 
 WARNINGS = _Warnings(logging.WARNING)
