@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
 
+from elite.data.objects import LocalStore
 from elite.data.prompts import DEFAULT_PROMPTS, PromptSpec, load_prompts
 from elite.data.storage import embedding_store, open_store
 from elite.errors import EliteError, Failure, InputError, printable
@@ -34,6 +35,14 @@ from elite_cli.quiet import quiet_libraries
 def _models(args: argparse.Namespace, needed: tuple[str, ...]) -> dict[str, str | None]:
     given = {name: getattr(args, name, None) for name in MODEL_ENV}
     return resolve_models(needed, **given)
+
+
+def _check_writable_location(uri: str) -> None:
+    """An S3 output location must answer now (bucket, credentials, endpoint), not after the models have loaded; a
+    local folder is made by the first write."""
+    store = open_store(uri)
+    if not isinstance(store, LocalStore):
+        check_readable(store, "output")
 
 
 def _print_failures(failures: Sequence[Failure]) -> None:
@@ -82,6 +91,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     source = open_store(args.concepts)
     check_readable(source, "concepts")  # before the models load: a mistyped folder fails in a second
+    _check_writable_location(args.store)
     models = _models(args, encoder_needs(args.engine))
     args.quiet()
     from elite.jobs.encode import EncoderSettings, cached_encoder, encode_catalog  # the model side: when needed
@@ -120,6 +130,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not embeddings.part_names():  # a mistyped --store would otherwise "generate 0 images" and succeed
         raise InputError(f"the embedding store at {args.store} holds no concepts (encode some with `elite encode`)")
     out = open_store(args.out)
+    _check_writable_location(args.out)
     args.quiet()
     from elite.jobs.generate import GenerationSettings, generate_catalog  # the model side: when needed
 

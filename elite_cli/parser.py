@@ -80,8 +80,8 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--tiny-dir", default="outputs/tiny-models", help="where --tiny writes its models")
     _encoder(p, "--encode-device")
     _sampler(p, tiny_defaults=True)
-    p.add_argument("--batch-size", type=int, default=4, help="images per generation task")
-    p.add_argument("--encode-batch-size", type=int, default=8, help="concepts per encoding task")
+    p.add_argument("--batch-size", type=positive, default=4, help="images per generation task")
+    p.add_argument("--encode-batch-size", type=positive, default=8, help="concepts per encoding task")
     p.add_argument("--devices", help="generation slots, e.g. cuda:0,cuda:1 (default: every GPU, else cpu)")
     p.add_argument("--timeout", type=float, help="fail the flow run after this many seconds (default: no limit)")
     _models(p, "pretrained_model", "vision_model", "global_mapper", "local_mapper", "onnx_path")
@@ -94,7 +94,7 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("concepts", help="folder or s3:// prefix of concept images")
     p.add_argument("--store", required=True, help="embedding store folder or s3:// prefix to append to")
     _catalog(p, "CONCEPTS")
-    p.add_argument("--batch-size", type=int, default=8, help="concepts per encoder call")
+    p.add_argument("--batch-size", type=positive, default=8, help="concepts per encoder call")
     p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                    help="encoder dtype: auto is float16 on CUDA, float32 on the CPU")
     _encoder(p, "--device")
@@ -114,7 +114,7 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per concept and --prompt prompt")
     p.add_argument("--concept", action="append", default=None, help="only this concept id (repeatable)")
     p.add_argument("--encoder-id", help="read the embeddings of this encoder (needed when several stored them)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
+    p.add_argument("--batch-size", type=positive, default=4, help="images per pipeline call")
     p.add_argument("--device", default="auto", help="generation device(s): auto (every GPU, else cpu), cpu, "
                    "cuda:0 or a comma list (cuda:0,cuda:1)")
     _sampler(p)
@@ -131,7 +131,7 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--where", action="append", type=name_value, metavar="COLUMN=VALUE",
                    help="only concepts whose metadata column equals the value (repeatable)")
     p.add_argument("--encoder-id", help="only embeddings of this encoder (needed when several stored them)")
-    p.add_argument("--shard-size", type=int, default=1000, help="concepts per file")
+    p.add_argument("--shard-size", type=positive, default=1000, help="concepts per file")
     p.add_argument("--token-template", default=DEFAULT_TOKEN_TEMPLATE,
                    help="textual-inversion token of each concept")
 
@@ -157,6 +157,17 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="folder to write the models to")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     return parser
+
+
+def positive(text: str) -> int:
+    """An integer of at least 1 (batch sizes, counts), refused by argparse before anything loads."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def name_value(text: str) -> tuple[str, object]:

@@ -17,7 +17,7 @@ import pytest
 from elite.data.s3 import S3Store
 from elite.data.storage import embedding_store, open_store
 from elite.data.store import EmbeddingStore
-from elite.errors import Failure, StorageError, TransientStorageError
+from elite.errors import Failure, InputError, StorageError, TransientStorageError
 from elite.fileio import sha256_file
 from elite.jobs.encode import EncoderSettings, cached_encoder, encode_catalog
 from elite.model.tiny import TinyModels
@@ -278,3 +278,17 @@ def test_manifest_rows_survive_a_stopped_run(tiny_models: TinyModels, concepts_d
     assert sorted(row["output_key"] for row in rows) == files and len(files) == 4
     assert all(row["sha256"] == sha256_file(tmp_path / "images" / row["output_key"]) for row in rows)
     assert sum(1 for _ in (tmp_path / "images" / "_runs").rglob("batch-*.parquet")) == 1  # the rerun's are merged
+
+
+def test_a_bare_file_name_is_an_object_in_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--prompts prompts.txt` (no folder) was read as an empty location."""
+    from elite.data.prompts import load_prompts
+    from elite.data.storage import open_object
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("a photo of a S\n")
+    store, key = open_object("prompts.txt")
+    assert key == "prompts.txt" and store.uri(key) == (tmp_path / "prompts.txt").as_uri()
+    assert [spec.template for spec in load_prompts("prompts.txt")[0]] == ["a photo of a S"]
+    with pytest.raises(InputError, match="names a folder or bucket"):
+        open_object("s3://bucket")

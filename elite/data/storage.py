@@ -70,9 +70,9 @@ def open_store(uri: str | os.PathLike[str], settings: StorageSettings | None = N
 def open_object(uri: str, settings: StorageSettings | None = None) -> tuple[LocalStore | S3Store, str]:
     """(store of the containing folder, key) for the URI or path of one object, e.g. a prompt file."""
     folder, name = posixpath.split(uri.rstrip("/"))
-    if not name:
-        raise InputError(f"{uri!r} names a folder, not an object")
-    return open_store(folder, settings), name
+    if not name or folder.endswith(":"):  # "s3://bucket" alone names a bucket, not an object
+        raise InputError(f"{uri!r} names a folder or bucket, not an object")
+    return open_store(folder or ".", settings), name  # a bare file name lives in the current folder
 
 
 class ObjectStorePartStorage:

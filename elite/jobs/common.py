@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import io
-import posixpath
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -15,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from elite.data.objects import LocalStore, ObjectStore, is_uri
-from elite.data.storage import open_store
+from elite.data.storage import open_object
 from elite.errors import EliteError, Failure, InputError
 
 IO_THREADS = 16  # concurrent storage requests while hashing or listing a catalog (S3 HEADs and LISTs)
@@ -84,13 +83,11 @@ class Locations:
         """(store, key) of a key in the store or of an absolute URI."""
         if not is_uri(ref):
             return self.store, ref
-        folder, name = posixpath.split(ref.rstrip("/"))
-        if not name or folder.endswith(":"):
-            raise InputError(f"{ref!r} does not name an object inside a folder or bucket")
+        folder = ref.rstrip("/").rpartition("/")[0]
         with self._lock:
             if folder not in self._stores:
-                self._stores[folder] = open_store(folder)
-            return self._stores[folder], name
+                self._stores[folder] = open_object(ref)[0]
+            return self._stores[folder], ref.rstrip("/").rpartition("/")[2]
 
     def uri(self, ref: str) -> str:
         store, key = self.locate(ref)
