@@ -15,39 +15,21 @@ from collections.abc import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from elite.data.objects import LocalStore
 from elite.data.prompts import DEFAULT_PROMPTS, PromptSpec, load_prompts
 from elite.data.storage import embedding_store, open_store
 from elite.errors import EliteError, Failure, InputError, printable
 from elite.fileio import sha256_file
-from elite.jobs.common import check_readable
+from elite.jobs.common import check_output, check_readable
 from elite.jobs.export import export_embeddings
-from elite.jobs.models import GENERATOR_NEEDS, MODEL_ENV, encoder_needs, resolve_models
+from elite.jobs.models import GENERATOR_NEEDS, encoder_needs
 from elite.model.sampling import check_sampler
+from elite_cli.common import models_of, print_failures
 from elite_cli.parser import build_parser
 from elite_cli.personalize import cmd_personalize
 from elite_cli.quiet import quiet_libraries
 
 # The model side (torch models, diffusers, ONNX export) is imported by the commands that use it: `--help`, a
 # mistyped option or a missing folder answer in a second, not after diffusers has loaded.
-
-
-def _models(args: argparse.Namespace, needed: tuple[str, ...]) -> dict[str, str | None]:
-    given = {name: getattr(args, name, None) for name in MODEL_ENV}
-    return resolve_models(needed, **given)
-
-
-def _check_writable_location(uri: str) -> None:
-    """An S3 output location must answer now (bucket, credentials, endpoint), not after the models have loaded; a
-    local folder is made by the first write."""
-    store = open_store(uri)
-    if not isinstance(store, LocalStore):
-        check_readable(store, "output")
-
-
-def _print_failures(failures: Sequence[Failure]) -> None:
-    for failure in failures:
-        print(f"FAILED {failure.concept_id or '-'} ({failure.stage}) {failure.uri}: {failure.reason}", file=sys.stderr)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -67,7 +49,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     from elite.model.loading import unet_cross_attention_layers
     from elite.model.onnx_export import export_concept_encoder
 
-    models = _models(args, encoder_needs("torch"))
+    models = models_of(args, encoder_needs("torch"))
     layers = unet_cross_attention_layers(models["pretrained_model"]) if models["pretrained_model"] else None
     encoder = TorchConceptEncoder.from_pretrained(str(models["vision_model"]), str(models["global_mapper"]),
                                                   str(models["local_mapper"]), layers)
@@ -91,8 +73,9 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     source = open_store(args.concepts)
     check_readable(source, "concepts")  # before the models load: a mistyped folder fails in a second
-    _check_writable_location(args.store)
-    models = _models(args, encoder_needs(args.engine))
+    reports = open_store(args.store)  # the store's folder: the failures table goes under its _runs/
+    check_output(reports)
+    models = models_of(args, encoder_needs(args.engine))
     args.quiet()
     from elite.jobs.encode import EncoderSettings, cached_encoder, encode_catalog  # the model side: when needed
 
@@ -102,9 +85,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
                                              models["pretrained_model"], args.encode_device, args.dtype))
     with tqdm(desc="encoding", unit="concept") as bar:
         report = encode_catalog(source, embeddings, encoder, manifest=args.manifest, batch_size=args.batch_size,
-                                reports=open_store(args.store), replace_sources=args.replace_sources,
+                                reports=reports, replace_sources=args.replace_sources,
                                 progress=bar.update)
-    _print_failures(report.failures)
+    print_failures(report.failures)
     print(f"encoded {report.done} concepts ({report.skipped} already stored, {len(report.failures)} failed) with "
           f"{report.encoder_id[:18]} on {getattr(encoder, 'device', '?')} -> {args.store}"
           + (f"\n  failures: {report.failures_uri}" if report.failures_uri else ""))
@@ -124,13 +107,13 @@ def _prompts(args: argparse.Namespace) -> tuple[list[PromptSpec], list[Failure]]
 
 def cmd_generate(args: argparse.Namespace) -> int:
     check_sampler(args.steps, args.guidance_scale, args.lambda_local, args.height, args.width)
-    models = _models(args, GENERATOR_NEEDS)
+    models = models_of(args, GENERATOR_NEEDS)
     prompts, prompt_failures = _prompts(args)
     embeddings = embedding_store(args.store)
     if not embeddings.part_names():  # a mistyped --store would otherwise "generate 0 images" and succeed
         raise InputError(f"the embedding store at {args.store} holds no concepts (encode some with `elite encode`)")
     out = open_store(args.out)
-    _check_writable_location(args.out)
+    check_output(out)
     args.quiet()
     from elite.jobs.generate import GenerationSettings, generate_catalog  # the model side: when needed
 
@@ -142,7 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         report = generate_catalog(embeddings, prompts, out, settings, concept_ids=args.concept,
                                   batch_size=args.batch_size, base_seed=args.seed, devices=devices,
                                   prompt_failures=prompt_failures, progress=bar.update)
-    _print_failures(report.failures)
+    print_failures(report.failures)
     print(f"generated {report.generated} images ({report.skipped} already there, {len(report.failures)} failed) "
           f"in {report.out_uri}" + (f"\n  manifest: {report.manifest_uri}" if report.manifest_uri else "")
           + (f"\n  failures: {report.failures_uri}" if report.failures_uri else ""))

@@ -12,13 +12,13 @@ import logging
 import os
 import sys
 
-from elite.data.objects import LocalStore
 from elite.data.prompts import load_prompts
 from elite.data.storage import open_store
-from elite.errors import EliteError, InputError
-from elite.jobs.common import check_readable
-from elite.jobs.models import GENERATOR_NEEDS, MODEL_ENV, encoder_needs, resolve_models
+from elite.errors import EliteError, Failure, InputError
+from elite.jobs.common import check_output, check_readable
+from elite.jobs.models import GENERATOR_NEEDS, encoder_needs
 from elite.model.sampling import check_sampler
+from elite_cli.common import models_of, print_failures
 
 # Prefect's ephemeral API starts in 7 s on an idle machine and took 13-32 s on a busy 2-core one, past Prefect's
 # 20 s default; a user's own setting wins.
@@ -35,9 +35,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     load_prompts(args.prompts)  # readable, and at least one usable prompt
     for where in (args.out, args.store):
         if where is not None:
-            store = open_store(where)  # a valid location; an S3 one must answer (bucket, credentials, endpoint)
-            if not isinstance(store, LocalStore):
-                check_readable(store, "output")
+            check_output(open_store(where))  # a valid location; an S3 one must answer (bucket, credentials, endpoint)
     check_sampler(args.steps or 1, args.guidance_scale, args.lambda_local, args.height or 8, args.width or 8)
 
 
@@ -70,16 +68,16 @@ def _tracebacks_to_run_logs_only() -> None:
 def cmd_personalize(args: argparse.Namespace) -> int:
     check_inputs(args)
     args.quiet()
-    given = {name: getattr(args, name, None) for name in MODEL_ENV}
+    tiny_models: dict[str, str | None] = {}
     steps, height, width = args.steps, args.height, args.width
     if args.tiny:
         from elite.model.tiny import make_tiny_models  # diffusers and transformers: only when asked
 
         tiny = make_tiny_models(args.tiny_dir)  # seeded: the same weights, hence the same encoder id, every run
-        given |= {name: str(getattr(tiny, name)) for name in ("pretrained_model", "vision_model", "global_mapper",
-                                                              "local_mapper")}
+        tiny_models = {name: str(getattr(tiny, name)) for name in ("pretrained_model", "vision_model",
+                                                                   "global_mapper", "local_mapper")}
         steps, height, width = steps or 4, height or 64, width or 64
-    models: dict[str, str | None] = resolve_models(GENERATOR_NEEDS + encoder_needs(args.engine), **given)
+    models = models_of(args, GENERATOR_NEEDS + encoder_needs(args.engine), **tiny_models)
     for name, value in PREFECT_DEFAULTS:  # before Prefect is first imported
         os.environ.setdefault(name, value)
     try:
@@ -111,9 +109,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     if report["concepts"] == 0 and not report["failures"]:
         print(f"elite: error: no concepts found in {args.concepts}", file=sys.stderr)
         return 1
-    for failure in report["failures"]:
-        print(f"FAILED {failure['concept_id'] or '-'} ({failure['stage']}) {failure['uri']}: {failure['reason']}",
-              file=sys.stderr)
+    print_failures([Failure(**row) for row in report["failures"]])
     print(f"personalize: {report['encoded']} concepts encoded ({report['encode_skipped']} already stored), "
           f"{report['generated']} images generated ({report['generate_skipped']} already there), "
           f"{report['failed']} failed\n  images: {report['images_uri']}"

@@ -247,13 +247,16 @@ class S3Store:
         try:
             yield
         except ClientError as err:
-            kind = TransientStorageError if _is_transient(err) else StorageError
-            raise kind(redact(self._client_error_message(key, doing, err), self.settings.secrets)) from None
+            kind, message = (TransientStorageError if _is_transient(err) else StorageError,
+                             self._client_error_message(key, doing, err))
         except (BotoConnectionError, HTTPClientError) as err:  # refused, DNS, TLS, timeouts, dropped connections
-            raise TransientStorageError(redact(self._botocore_error_message(key, doing, err),
-                                               self.settings.secrets)) from None
+            kind, message = TransientStorageError, self._botocore_error_message(key, doing, err)
         except (BotoCoreError, Boto3Error) as err:
-            raise StorageError(redact(self._botocore_error_message(key, doing, err), self.settings.secrets)) from None
+            kind, message = StorageError, self._botocore_error_message(key, doing, err)
+        else:
+            return
+        # botocore's own exception is not chained: its text holds the endpoint URL, password and all
+        raise kind(redact(message, self.settings.secrets)) from None
 
     def _client_error_message(self, key: str, doing: str, err: ClientError) -> str:
         uri, code = self.uri(key), _error_code(err)

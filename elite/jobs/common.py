@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,6 +23,8 @@ Batch = TypeVar("Batch")
 Result = TypeVar("Result")
 Item = TypeVar("Item")
 Output = TypeVar("Output")
+Key = TypeVar("Key")
+Value = TypeVar("Value")
 
 # How a job runs its batches: given the batches, yield each batch's result, or the exception it ended with, in
 # batch order. The library runs them one after the other (`run_sequentially`); the Prefect flows submit each batch
@@ -83,11 +85,11 @@ class Locations:
         """(store, key) of a key in the store or of an absolute URI."""
         if not is_uri(ref):
             return self.store, ref
-        folder = ref.rstrip("/").rpartition("/")[0]
+        folder, _, name = ref.rstrip("/").rpartition("/")
         with self._lock:
             if folder not in self._stores:
-                self._stores[folder] = open_object(ref)[0]
-            return self._stores[folder], ref.rstrip("/").rpartition("/")[2]
+                self._stores[folder] = open_object(ref)[0]  # refuses a bucket alone, a bad scheme
+            return self._stores[folder], name
 
     def uri(self, ref: str) -> str:
         store, key = self.locate(ref)
@@ -111,6 +113,27 @@ def check_readable(store: ObjectStore, what: str) -> None:
             raise InputError(f"{what} {store.root}: no such folder")
         return
     next(iter(store.list()), None)
+
+
+def check_output(store: ObjectStore) -> None:
+    """Fail fast when an S3 location to write to does not answer (bucket, credentials, endpoint); a local folder is
+    made by the first write."""
+    if not isinstance(store, LocalStore):
+        check_readable(store, "output")
+
+
+class PerProcess(Generic[Key, Value]):
+    """Values built once per process and shared by its threads (loaded models: an encoder, a pipeline per slot)."""
+
+    def __init__(self) -> None:
+        self._values: dict[Key, Value] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Key, build: Callable[[], Value]) -> Value:
+        with self._lock:  # held while building: two threads asking for one model load it once
+            if key not in self._values:
+                self._values[key] = build()
+            return self._values[key]
 
 
 def run_stamp() -> str:

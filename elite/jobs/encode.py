@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ from elite.jobs.common import (
     IO_THREADS,
     BatchRunner,
     Locations,
+    PerProcess,
     Stopwatch,
     check_readable,
     put_failures,
@@ -64,19 +64,15 @@ class EncoderSettings:
     dtype: str = "auto"  # float16 on CUDA, float32 on the CPU (as generation)
 
 
-_ENCODERS: dict[EncoderSettings, ConceptEncoder] = {}
-_ENCODERS_LOCK = threading.Lock()
+_ENCODERS: PerProcess[EncoderSettings, ConceptEncoder] = PerProcess()
 
 
 def cached_encoder(settings: EncoderSettings) -> ConceptEncoder:
     """The encoder for `settings`, loaded once per process (threads of one worker share it)."""
-    with _ENCODERS_LOCK:
-        if settings not in _ENCODERS:
-            _ENCODERS[settings] = load_encoder(
-                settings.engine, onnx_path=settings.onnx_path, vision_model=settings.vision_model,
-                global_mapper=settings.global_mapper, local_mapper=settings.local_mapper,
-                pretrained_model=settings.pretrained_model, device=settings.device, dtype=settings.dtype)
-        return _ENCODERS[settings]
+    return _ENCODERS.get(settings, lambda: load_encoder(
+        settings.engine, onnx_path=settings.onnx_path, vision_model=settings.vision_model,
+        global_mapper=settings.global_mapper, local_mapper=settings.local_mapper,
+        pretrained_model=settings.pretrained_model, device=settings.device, dtype=settings.dtype))
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from elite.fileio import sha256_bytes
 from elite.jobs.common import (
     IO_THREADS,
     BatchRunner,
+    PerProcess,
     Stopwatch,
     put_failures,
     put_table,
@@ -108,8 +109,7 @@ class LoadedPipeline:
     dtype: str
 
 
-_PIPELINES: dict[tuple[str, str, str, str, str, int], LoadedPipeline] = {}
-_PIPELINES_LOCK = threading.Lock()
+_PIPELINES: PerProcess[tuple[str, str, str, str, str, int], LoadedPipeline] = PerProcess()
 _SLOTS: dict[tuple[str, ...], queue.Queue[int]] = {}
 _SLOTS_LOCK = threading.Lock()
 
@@ -136,16 +136,17 @@ def load_pipeline(settings: GenerationSettings, device: str, slot: int = 0) -> L
     """The generation-only pipeline of `settings`' models for one slot on `device`, loaded once per process."""
     dtype = resolve_dtype(settings.dtype, device)
     name = str(dtype).removeprefix("torch.")
-    key = (settings.pretrained_model, settings.global_mapper, settings.local_mapper, device, name, slot)
-    with _PIPELINES_LOCK:
-        if key not in _PIPELINES:
-            pipe = ElitePipeline.from_pretrained(settings.pretrained_model, None, settings.global_mapper,
-                                                 settings.local_mapper, torch_dtype=dtype, device=device)
-            hashes = {"unet_sha256": state_digest(pipe.unet), "text_encoder_sha256": state_digest(pipe.text_encoder),
-                      "global_mapper_sha256": state_digest(pipe.global_mapper),
-                      "local_mapper_sha256": state_digest(pipe.local_mapper)}
-            _PIPELINES[key] = LoadedPipeline(pipe, hashes, name)
-        return _PIPELINES[key]
+
+    def load() -> LoadedPipeline:
+        pipe = ElitePipeline.from_pretrained(settings.pretrained_model, None, settings.global_mapper,
+                                             settings.local_mapper, torch_dtype=dtype, device=device)
+        hashes = {"unet_sha256": state_digest(pipe.unet), "text_encoder_sha256": state_digest(pipe.text_encoder),
+                  "global_mapper_sha256": state_digest(pipe.global_mapper),
+                  "local_mapper_sha256": state_digest(pipe.local_mapper)}
+        return LoadedPipeline(pipe, hashes, name)
+
+    return _PIPELINES.get((settings.pretrained_model, settings.global_mapper, settings.local_mapper, device, name,
+                           slot), load)
 
 
 # ---- prompts and planning -----------------------------------------------------------------------------
