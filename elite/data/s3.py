@@ -154,11 +154,39 @@ class S3Store:
             max_pool_connections=max(s.max_pool_connections, s.max_concurrency),  # and one per part in flight
         )
         with self._errors("", "connect"):  # a missing profile fails here
-            session = boto3.session.Session(aws_access_key_id=s.access_key_id,
-                                            aws_secret_access_key=s.secret_access_key,
-                                            aws_session_token=s.session_token, region_name=s.region,
-                                            profile_name=s.profile)
-            return session.client("s3", endpoint_url=s.endpoint_url, config=config)
+            self._session = boto3.session.Session(aws_access_key_id=s.access_key_id,
+                                                  aws_secret_access_key=s.secret_access_key,
+                                                  aws_session_token=s.session_token, region_name=s.region,
+                                                  profile_name=s.profile)
+            return self._session.client("s3", endpoint_url=s.endpoint_url, config=config)
+
+    def delta_storage_options(self) -> dict[str, str]:
+        """The same endpoint, region, credentials and addressing as deltalake `storage_options` (object_store's
+        names), for the embedding table. Commits use conditional PUTs (`If-None-Match: *`), which AWS S3, MinIO
+        and R2 support, so no lock service is needed. Credentials given in the settings or by a profile are
+        passed as they are now; otherwise object_store's own chain (environment, web identity, container and
+        instance roles) finds and refreshes them."""
+        s = self.settings
+        options = {"aws_conditional_put": "etag", "aws_connect_timeout": f"{s.connect_timeout}s",
+                   "aws_timeout": f"{s.read_timeout}s"}
+        region = s.region or self._session.region_name
+        if region:
+            options["aws_region"] = region
+        if s.endpoint_url is not None:
+            options["aws_endpoint_url"] = s.endpoint_url
+            options["aws_allow_http"] = str(s.endpoint_url.startswith("http://")).lower()
+        if s.addressing_style != "auto" or s.endpoint_url is not None:  # botocore's auto: path style off AWS
+            options["aws_virtual_hosted_style_request"] = str(s.addressing_style == "virtual").lower()
+        if s.access_key_id is not None or s.profile is not None:
+            with self._errors("", "connect"):
+                found = self._session.get_credentials()
+            if found is None:
+                raise StorageError(f"{self.uri()}: no AWS credentials found for the embedding table")
+            frozen = found.get_frozen_credentials()
+            options.update({"aws_access_key_id": frozen.access_key, "aws_secret_access_key": frozen.secret_key})
+            if frozen.token:
+                options["aws_session_token"] = frozen.token
+        return options
 
     def uri(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{self._key(key) if key else self.prefix}".rstrip("/")

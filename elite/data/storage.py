@@ -3,7 +3,7 @@
     open_store("embeddings/")                  LocalStore, the embedded default (also file:///abs/path)
     open_store("s3://bucket/prefix")           S3Store through boto3
     open_object("s3://bucket/prompts.txt")     (store of the folder, key) for one object
-    embedding_store(uri)                       an EmbeddingStore on either (elite.data.store)
+    embedding_store(uri)                       the embedding table (elite.data.store) on either
 
 Both backends take the same '/'-separated relative keys and refuse the same bad ones ('..', absolute,
 backslashes, control characters), so data moves between them unchanged and no key escapes a local root.
@@ -24,13 +24,20 @@ import pyarrow as pa
 
 from elite.data.objects import SCHEME, LocalStore, ObjectInfo, ObjectStore, check_key, is_uri
 from elite.data.s3 import S3Store, StorageSettings, storage_settings_from_env
-from elite.data.store import DEFAULT_ROW_GROUP_ROWS, EmbeddingStore, LocalFolder, is_part_name
-from elite.errors import InputError
+from elite.data.part_index import LocalFolder, PartStorage, is_part_name
+from elite.data.parts_store import PartStore
+from elite.data.store import EmbeddingStore
+from elite.data.store_format import DEFAULT_ROW_GROUP_ROWS
+from elite.errors import InputError, StorageError
+
+AnyEmbeddingStore = EmbeddingStore | PartStore  # what the jobs read; they write only to an EmbeddingStore
+DELTA_LOG = "_delta_log"
 
 __all__ = [
     "LocalStore",
     "ObjectInfo",
     "ObjectStore",
+    "AnyEmbeddingStore",
     "ObjectStorePartStorage",
     "S3Store",
     "StorageSettings",
@@ -106,10 +113,31 @@ class ObjectStorePartStorage:
 
 
 def embedding_store(uri: str | os.PathLike[str], settings: StorageSettings | None = None, *,
-                    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> EmbeddingStore:
-    """An EmbeddingStore at a folder, file:// URL or s3://bucket/prefix."""
+                    version: int | None = None, writable: bool = False,
+                    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> AnyEmbeddingStore:
+    """The embedding store at a folder, file:// URL or s3://bucket/prefix: the Delta table (made by the first
+    append where there is nothing yet), or a store of the earlier part format, which is read as it is.
+
+    `writable`: refuse a store of the earlier format with a StorageError saying how to migrate it, before any
+    work is done. `version`: the table as it was at that version (read-only).
+    """
     store = open_store(uri, settings)
+    storage: PartStorage
     if isinstance(store, LocalStore):
-        # LocalFolder, not the generic adapter: it memory-maps parts and writes them in place
-        return EmbeddingStore(LocalFolder(store.root), row_group_rows=row_group_rows)
-    return EmbeddingStore(ObjectStorePartStorage(store), row_group_rows=row_group_rows)
+        storage = LocalFolder(store.root)  # memory-maps data files
+        is_table, location = (store.root / DELTA_LOG).is_dir(), str(store.root)
+        options: dict[str, str] = {}
+    else:
+        storage = ObjectStorePartStorage(store)
+        is_table = next(iter(store.list(DELTA_LOG + "/")), None) is not None
+        location, options = f"s3://{store.bucket}/{store.prefix}".rstrip("/"), store.delta_storage_options()
+    if not is_table and storage.list_parts():
+        if writable:
+            raise StorageError(f"{storage.uri()}: an embedding store of the earlier part format (schema_version 1);"
+                               f" jobs read it but write only tables: convert it with `elite store migrate "
+                               f"{uri} NEW` and use NEW")
+        if version is not None:
+            raise InputError(f"{storage.uri()}: a store of the earlier part format has no versions")
+        return PartStore(storage, row_group_rows=row_group_rows)
+    return EmbeddingStore(location, storage=storage, storage_options=options, version=version,
+                          row_group_rows=row_group_rows)

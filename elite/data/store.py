@@ -1,406 +1,313 @@
-"""The Parquet embedding store: append-only part files of encoded concepts, one row per concept.
+"""The embedding store: a Delta Lake table (schema_version 2) on a local folder or S3, one current row per concept.
 
-Layout and the reasons for it: docs/embedding-store.md. In short:
+Layout, schema and the reasons for them: docs/embedding-store.md. In short:
 
-- A store is a folder (or an S3 prefix, through `elite.data.storage`) of immutable
-  `part-<utc time>-<uuid>.parquet` files.
-  Each `append` writes one new part under a dot-prefixed temporary name, fsyncs it and renames it,
-  so a writer killed mid-write leaves only an invisible `.part-*.tmp` file, never a partial part.
-- Rows are deduplicated on (concept id, image sha256, mask sha256, encoder id) against the stored parts: two ids
-  with the same image bytes are two rows, a changed image is a new row that reads as the concept's newest.
-- The local tokens, (patches, text_dim) float16, are one binary value per row: the benchmark
-  (benchmarks/bench_store.py) measured that layout 2.3-2.6x faster to write and read than a list
-  column with zstd (4-6x without compression), and it keeps float16, which DuckDB 1.x cannot decode,
-  out of the Parquet types.
-- Readers find rows from a small index of key columns, then read only the row groups that hold them.
-
-File access goes through `PartStorage`: `LocalFolder` here, `elite.data.storage.ObjectStorePartStorage` for S3.
+- Writes go through `deltalake` (delta-rs): every `append` is one MERGE on (concept_id, encoder_id), so a table
+  holds one row per concept and encoder. A concept whose image, mask and source are unchanged is left alone, a
+  changed one is replaced; each commit is a table version (`history`, `EmbeddingStore(..., version=N)`).
+- Commits are atomic (a put-if-absent of the next log entry: a rename locally, a conditional PUT on S3), so a
+  reader never sees part of a version and a writer killed mid-commit leaves only unreferenced data files. Two
+  writers committing at once: one commit fails with a conflict and is redone on the new version (`append`
+  retries up to `commit_retries` times), so no row is lost and no concept gets two current rows.
+- Reads do not go through a query engine: the table's log names the data files (immutable, like the earlier
+  format's parts), and `elite.data.part_index.PartIndex` reads their key columns once and then only the row
+  groups that hold the rows asked for, through our own object store (local mmap or ranged S3 GETs).
+- `optimize` compacts small files (one per encode batch) and can Z-order by concept_id; `vacuum` deletes files
+  no version within the retention needs.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import unquote
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-import torch
+from deltalake import ColumnProperties, CommitProperties, DeltaTable, WriterProperties
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
+from elite.data.part_index import AppendResult, LocalFolder, PartIndex, PartStorage
 from elite.data.store_format import (
-    CORE_COLUMNS,
     CORE_SCHEMA,
     DEFAULT_ROW_GROUP_ROWS,
-    INDEX_COLUMNS,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
     TENSOR_COLUMNS,
-    WRITE_OPTIONS,
-    ArraysBuilder,
     EmbeddingRecord,
-    StoredArrays,
-    StoreKey,
-    check_schema,
-    plain_columns,
+    check_core_columns,
     record_batch,
 )
-from elite.errors import InputError, StorageError
-from elite.fileio import atomic_path, fsync_folder
-from elite.model.concepts import ConceptEmbedding
+from elite.errors import InputError, StorageError, TransientStorageError
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "AppendResult",
-    "EmbeddingRecord",
-    "EmbeddingStore",
-    "LocalFolder",
-    "PartStorage",
-    "StoreKey",
-    "StoredArrays",
-    "embeddings_from_arrays",
-]
+__all__ = ["COMMIT_RETRIES", "SCHEMA_VERSION", "AppendResult", "EmbeddingStore", "sql_literal"]
+
+VERSION_PROPERTY = SCHEMA_VERSION_KEY.decode()  # "elite.schema_version", a table property
+COMMIT_RETRIES = 30  # conflicting commits redone before giving up: ~50 s of backoff in all
+# statistics in the log for these only: what other engines prune files by (the tensors' would bloat the log)
+STATS_COLUMNS = "concept_id,encoder_id,image_sha256,mask_sha256,source_uri,created_at,schema_version"
+# Delta reader features whose files cannot be read as plain Parquet (rows deleted in a side file, renamed columns)
+UNSUPPORTED_READER_FEATURES = ("deletionVectors", "columnMapping")
+_TRANSIENT = ("timed out", "timeout", "connection", "503", "slow down", "slowdown", "throttl", "500 internal")
+T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class AppendResult:
-    written: int
-    skipped: int  # already stored, or repeated within the same call
-    part: str | None  # name of the new part file; None when nothing was new
+def sql_literal(text: str) -> str:
+    """A SQL string literal for DataFusion (the MERGE predicate): single quotes doubled, nothing else special."""
+    return "'" + text.replace("'", "''") + "'"
 
 
-class PartStorage(Protocol):
-    """Where part files live. A part must become visible whole or not at all, and never changes after."""
+class EmbeddingStore(PartIndex):
+    """Append and read concept embeddings in a Delta table. One instance per thread; any number of processes
+    and hosts may write the same table at once.
 
-    def list_parts(self) -> list[str]:
-        """Names of the visible parts, sorted; temporary and hidden files excluded."""
-        ...
-
-    def open_part(self, name: str) -> Any:
-        """A pyarrow random-access file (`pyarrow.NativeFile`) over the part."""
-        ...
-
-    def write_part(self, name: str, write: Callable[[Any], None]) -> None:
-        """Call `write(sink)` with a pyarrow output stream, then publish the part atomically."""
-        ...
-
-    def uri(self, name: str = "") -> str:
-        """Where `name` lives, for messages."""
-        ...
-
-
-def is_part_name(name: str) -> bool:
-    # dot and underscore prefixes are hidden by convention (and skipped by pyarrow.dataset as well)
-    return name.endswith(".parquet") and not name.startswith((".", "_"))
-
-
-class LocalFolder:
-    """Parts in a local folder, published by rename (see `elite.fileio.atomic_path`).
-
-    On S3, `elite.data.storage.ObjectStorePartStorage` puts whole parts: an upload only becomes visible when
-    it completes, which gives the same atomicity as the rename.
+    `location` is a folder or an s3://bucket/prefix URI; for S3 give `storage` (how data files are read, e.g.
+    `elite.data.storage.ObjectStorePartStorage`) and `storage_options` (deltalake's, from
+    `elite.data.s3.delta_storage_options`) - `elite.data.storage.embedding_store(uri)` does both. `version`
+    opens the table as it was at that version, read-only.
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
+    format_version = SCHEMA_VERSION
 
-    def list_parts(self) -> list[str]:
-        if not self.root.exists():
-            return []  # an empty store: the folder is made by the first append
-        try:
-            return sorted(entry.name for entry in os.scandir(self.root)
-                          if is_part_name(entry.name) and entry.is_file())
-        except OSError as err:
-            raise StorageError(f"{self.root}: cannot list the embedding store: {err}") from err
-
-    def open_part(self, name: str) -> Any:
-        return pa.memory_map(str(self.root / name))  # parts never change, so mapping them is safe
-
-    def write_part(self, name: str, write: Callable[[Any], None]) -> None:
-        # the sink closes before atomic_path fsyncs and renames: inner `with` items exit first
-        with atomic_path(self.root / name) as tmp, pa.OSFile(str(tmp), "wb") as sink:
-            write(sink)
-        fsync_folder(self.root)  # make the rename itself durable, not only the file's bytes
-
-    def uri(self, name: str = "") -> str:
-        return str(self.root / name) if name else str(self.root)
-
-
-@dataclass(frozen=True, eq=False)
-class _Part:
-    """What the store keeps of a part it has seen. Parts are immutable, so this is cached by name."""
-
-    name: str
-    footer: Any  # pyarrow.parquet.FileMetaData, parsed once
-    row_group_starts: np.ndarray  # (row_groups + 1,) first row of each row group, then the row count
-    keys: pa.Table  # INDEX_COLUMNS of every row, in file order
-    metadata_types: dict[str, Any]  # user column name -> pyarrow type
-
-
-class EmbeddingStore:
-    """Append and read concept embeddings. One instance per thread; any number of processes may share a store."""
-
-    def __init__(self, root: str | os.PathLike[str] | PartStorage, *,
-                 row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> None:
-        self.storage: PartStorage = LocalFolder(root) if isinstance(root, str | os.PathLike) else root
+    def __init__(self, location: str | os.PathLike[str], *, storage: PartStorage | None = None,
+                 storage_options: dict[str, str] | None = None, version: int | None = None,
+                 row_group_rows: int = DEFAULT_ROW_GROUP_ROWS, commit_retries: int = COMMIT_RETRIES) -> None:
+        text = os.fspath(location)
+        remote = "://" in text
+        if storage is None and remote:
+            raise InputError(f"{text}: give `storage` for a remote table (elite.data.storage.embedding_store "
+                             "does it)")
+        self.table_uri = text if remote else os.path.abspath(text)
+        super().__init__(storage if storage is not None else LocalFolder(self.table_uri))
         if row_group_rows < 1:
             raise InputError(f"row_group_rows must be >= 1, got {row_group_rows}")
+        if version is not None and version < 0:
+            raise InputError(f"table version must be >= 0, got {version}")
+        self.storage_options = dict(storage_options or {})
+        self.pinned_version = version
         self.row_group_rows = row_group_rows
-        self._parts: dict[str, _Part] = {}
-        self._keys: set[StoreKey] = set()
-        self._index_cache: tuple[tuple[str, ...], pa.Table] | None = None  # (part names, their joined key columns)
+        self.commit_retries = commit_retries
+        self._table: DeltaTable | None = None
+        self._checked: tuple[int, int] | None = None  # (version, id of the metadata) last checked
+
+    def uri(self) -> str:
+        return self.storage.uri()
+
+    # ---- the table ---------------------------------------------------------------------------
+
+    def table(self) -> DeltaTable | None:
+        """The deltalake table at its newest version (or the pinned one); None while nothing was ever written."""
+        if self._table is None:
+            try:
+                self._table = DeltaTable(self.table_uri, version=self.pinned_version,
+                                         storage_options=self.storage_options or None)
+            except TableNotFoundError:
+                if self.pinned_version is not None:
+                    raise InputError(f"{self.uri()}: no embedding table here, so no version "
+                                     f"{self.pinned_version} to read") from None
+                return None
+            except (DeltaError, OSError) as err:
+                if self.pinned_version is not None and "version" in str(err).lower():
+                    raise InputError(f"{self.uri()}: cannot open version {self.pinned_version} of the embedding "
+                                     f"table: {err}") from err
+                raise self._error("opening", err) from err
+        elif self.pinned_version is None:
+            self._call("reading the log of", self._table.update_incremental)
+        self._check_table(self._table)
+        return self._table
+
+    def version(self) -> int | None:
+        """The table version read now; None for an empty location."""
+        table = self.table()
+        return None if table is None else table.version()
+
+    def _check_table(self, table: DeltaTable) -> None:
+        metadata = table.metadata()
+        if self._checked == (table.version(), id(metadata)):
+            return
+        found = metadata.configuration.get(VERSION_PROPERTY)
+        if found is None:
+            raise StorageError(f"{self.uri()}: a Delta table, but not an ELITE embedding table (no "
+                               f"{VERSION_PROPERTY} table property)")
+        if found != str(SCHEMA_VERSION):
+            newer = found.isdigit() and int(found) > SCHEMA_VERSION
+            raise StorageError(f"{self.uri()}: embedding table of schema_version {found}, but this release reads "
+                               f"schema_version {SCHEMA_VERSION}" + ("; it was written by a newer release, "
+                                                                     "upgrade elite to read it" if newer else ""))
+        features = set(table.protocol().reader_features or ())
+        unsupported = sorted(features.intersection(UNSUPPORTED_READER_FEATURES))
+        if unsupported:
+            raise StorageError(f"{self.uri()}: the table uses Delta reader features this release does not read "
+                               f"({', '.join(unsupported)}); rewrite it without them")
+        check_core_columns(self._schema(table), CORE_SCHEMA, self.uri())
+        self._checked = (table.version(), id(metadata))
+
+    def _schema(self, table: DeltaTable) -> pa.Schema:
+        return pa.schema(table.schema().to_arrow())
+
+    def _listing(self) -> list[str]:
+        table = self.table()
+        if table is None:
+            return []
+        actions = pa.table(table.get_add_actions(flatten=True))
+        return sorted(unquote(path) for path in actions.column("path").to_pylist())  # relative, URL-encoded
+
+    def _check_file(self, schema: pa.Schema, uri: str) -> None:
+        check_core_columns(schema, CORE_SCHEMA, uri)
 
     # ---- writing ---------------------------------------------------------------------------
 
-    def append(self, records: Sequence[EmbeddingRecord]) -> AppendResult:
-        """Write the records not stored yet as one new part; skip the rest (see `AppendResult`)."""
-        self._refresh()
-        new: dict[StoreKey, EmbeddingRecord] = {}
-        for record in records:
+    def append(self, records: Sequence[EmbeddingRecord], *,
+               created_at: Sequence[datetime.datetime] | None = None) -> AppendResult:
+        """Merge `records` into the table in one commit: a concept (id and encoder) not stored is inserted, one
+        stored with another image, mask or source replaces its row, one stored unchanged is skipped (counted in
+        `skipped`, as is an id repeated in the call: its last record is kept). `created_at` (one per record, for
+        migrations) keeps given times; by default every row gets the time of the call."""
+        if self.pinned_version is not None:
+            raise InputError(f"{self.uri()}: opened at version {self.pinned_version}, read-only")
+        latest: dict[tuple[str, str], tuple[EmbeddingRecord, datetime.datetime | None]] = {}
+        times = list(created_at) if created_at is not None else [None] * len(records)
+        if len(times) != len(records):
+            raise InputError(f"created_at has {len(times)} values for {len(records)} records")
+        for record, when in zip(records, times, strict=True):
             if not isinstance(record, EmbeddingRecord):
                 raise InputError(f"append takes EmbeddingRecord items, got a {type(record).__name__}")
-            if record.key not in self._keys and record.key not in new:
-                new[record.key] = record
-        if not new:
-            return AppendResult(0, len(records), None)
-        kept = sorted(new.values(), key=lambda r: r.concept_id)  # sorted: tight concept_id stats per row group
-        schema = self._part_schema(kept)
+            latest.pop((record.concept_id, record.encoder_id), None)  # re-inserted: the last one wins, in order
+            latest[(record.concept_id, record.encoder_id)] = (record, when)
+        if not latest:
+            return AppendResult(0, 0, None)
+        kept = sorted(latest.values(), key=lambda pair: pair[0].concept_id)  # tight concept_id stats per file
         now = datetime.datetime.now(datetime.UTC)
-        name = f"part-{now:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex}.parquet"  # unique: writers never collide
+        metrics = self._retrying("merging into", lambda: self._merge(kept, now))
+        written = int(metrics.get("num_target_rows_inserted", 0)) + int(metrics.get("num_target_rows_updated", 0))
+        table = self.table()
+        return AppendResult(written, len(records) - written, None,
+                            None if table is None or not written else table.version())
 
-        def write(sink: Any) -> None:
-            with pq.ParquetWriter(sink, schema, **WRITE_OPTIONS, use_dictionary=plain_columns(schema),
-                                  write_statistics=plain_columns(schema)) as writer:
-                for start in range(0, len(kept), self.row_group_rows):  # one row group in memory at a time
-                    writer.write_batch(record_batch(kept[start:start + self.row_group_rows], schema, now),
-                                       row_group_size=self.row_group_rows)
+    def _merge(self, kept: list[tuple[EmbeddingRecord, datetime.datetime | None]],
+               now: datetime.datetime) -> dict[str, Any]:
+        table = self.table() or self._create()
+        records = [record for record, _ in kept]
+        schema = self._write_schema(records, self._schema(table))
+        source = pa.Table.from_batches([record_batch(records, schema, now)])
+        if any(when is not None for _, when in kept):
+            given = pa.array([when or now for _, when in kept], pa.timestamp("us", tz="UTC"))
+            source = source.set_column(source.schema.get_field_index("created_at"), "created_at", given)
+        ids = ", ".join(sql_literal(record.concept_id) for record in records)
+        encoders = ", ".join(sql_literal(e) for e in sorted({record.encoder_id for record in records}))
+        # the IN lists let delta-rs skip every data file whose concept_id range holds none of these ids
+        predicate = (f"t.concept_id = s.concept_id AND t.encoder_id = s.encoder_id "
+                     f"AND t.concept_id IN ({ids}) AND t.encoder_id IN ({encoders})")
+        changed = ("(t.image_sha256 <> s.image_sha256) OR (t.mask_sha256 IS DISTINCT FROM s.mask_sha256) "
+                   "OR (t.source_uri <> s.source_uri)")
+        merger = table.merge(source, predicate, source_alias="s", target_alias="t", merge_schema=True,
+                             streamed_exec=False, writer_properties=self._writer_properties(),
+                             commit_properties=CommitProperties(max_commit_retries=0))
+        return merger.when_matched_update_all(predicate=changed).when_not_matched_insert_all().execute()
 
-        with self._guard(name, "write"):
-            self.storage.write_part(name, write)
-        return AppendResult(len(kept), len(records) - len(kept), name)
+    def _create(self) -> DeltaTable:
+        configuration = {VERSION_PROPERTY: str(SCHEMA_VERSION), "delta.dataSkippingStatsColumns": STATS_COLUMNS}
+        try:
+            DeltaTable.create(self.table_uri, CORE_SCHEMA, mode="ignore", name="elite-embeddings",
+                              description=f"ELITE concept embeddings, schema_version {SCHEMA_VERSION}",
+                              configuration=configuration, storage_options=self.storage_options or None,
+                              raise_if_key_not_exists=False)
+        except (DeltaError, OSError) as err:
+            if self.table() is None:  # another writer creating it at the same moment is fine
+                raise self._error("creating", err) from err
+        table = self.table()
+        if table is None:
+            raise StorageError(f"{self.uri()}: the embedding table was created but cannot be opened")
+        return table
 
-    def _part_schema(self, records: Sequence[EmbeddingRecord]) -> pa.Schema:
-        """The core schema plus the records' metadata columns, typed as stored parts already type them."""
-        stored: dict[str, Any] = {}
-        for part in self._parts.values():
-            for key, type_ in part.metadata_types.items():
-                stored.setdefault(key, type_)
+    def _write_schema(self, records: Sequence[EmbeddingRecord], stored: pa.Schema) -> pa.Schema:
+        """The core columns plus the records' metadata columns, typed as the table already types them."""
         fields = []
         for key in sorted({key for record in records for key in record.metadata}):
+            index = stored.get_field_index(key)
+            type_ = None if index < 0 else stored.field(index).type
             values = [record.metadata.get(key) for record in records]
             try:
-                array = pa.array(values, type=stored.get(key))
+                array = pa.array(values, type=type_)
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as err:
-                where = f"the stored type {stored[key]}" if key in stored else "one column type"
+                where = f"the stored type {type_}" if type_ is not None else "one column type"
                 raise InputError(f"metadata {key!r}: values do not fit {where}: {err}") from err
             fields.append(pa.field(key, pa.string() if pa.types.is_null(array.type) else array.type))
-        return pa.schema([*CORE_SCHEMA, *fields], metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
+        return pa.schema([*CORE_SCHEMA, *fields])
 
-    # ---- reading ---------------------------------------------------------------------------
+    def _writer_properties(self) -> WriterProperties:
+        # tensors: no dictionary, no statistics (a 384 KiB min/max per page helps no query); small row groups, so
+        # reading a few concepts fetches a few row groups (DEFAULT_ROW_GROUP_ROWS, from benchmarks/bench_store.py)
+        tensor = ColumnProperties(dictionary_enabled=False, statistics_enabled="NONE")
+        return WriterProperties(max_row_group_size=self.row_group_rows, compression="ZSTD", compression_level=1,
+                                column_properties={name: tensor for name in TENSOR_COLUMNS})
 
-    def part_names(self) -> list[str]:
-        return [part.name for part in self._refresh()]
+    # ---- maintenance -------------------------------------------------------------------------
 
-    def has(self, concept_id: str, image_sha256: str, mask_sha256: str | None, encoder_id: str) -> bool:
-        self._refresh()
-        return (concept_id, image_sha256, mask_sha256, encoder_id) in self._keys
+    def history(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """The table's commits, newest first: version, timestamp (ms), operation and its metrics."""
+        table = self.table()
+        return [] if table is None else self._call("reading the history of", lambda: table.history(limit))
 
-    def stored_keys(self) -> frozenset[StoreKey]:
-        """Every stored (concept id, image sha256, mask sha256, encoder id): one listing for many `has` checks."""
-        self._refresh()
-        return frozenset(self._keys)
+    def optimize(self, *, z_order: bool = False, target_size: int | None = None) -> dict[str, Any]:
+        """Rewrite small data files into few large ones (ordered by concept_id with `z_order`), in one commit;
+        readers of older versions are unaffected until `vacuum`. Returns deltalake's metrics."""
+        if self.pinned_version is not None:
+            raise InputError(f"{self.uri()}: opened at version {self.pinned_version}, read-only")
 
-    def current(self, encoder_id: str) -> dict[str, tuple[str, str | None, str]]:
-        """concept id -> (image sha256, mask sha256, source URI) of its newest row under `encoder_id`, from the
-        cached key columns (no tensor or metadata read): what an encode run plans with."""
-        newest = _newest_rows(self._index(encoder_id), check_encoders=False)
-        return dict(zip(newest.column("concept_id").to_pylist(), zip(
-            newest.column("image_sha256").to_pylist(), newest.column("mask_sha256").to_pylist(),
-            newest.column("source_uri").to_pylist(), strict=True), strict=True))
+        def run() -> dict[str, Any]:
+            table = self.table()
+            if table is None:
+                return {"numFilesAdded": 0, "numFilesRemoved": 0}
+            options: dict[str, Any] = {"target_size": target_size, "writer_properties": self._writer_properties(),
+                                       "commit_properties": CommitProperties(max_commit_retries=0)}
+            if z_order:
+                return table.optimize.z_order(["concept_id"], **options)
+            return table.optimize.compact(**options)
 
-    def concept_ids(self, encoder_id: str | None = None) -> list[str]:
-        index = self._index(encoder_id)
-        return sorted(set(index.column("concept_id").to_pylist()))
+        return self._retrying("compacting", run)
 
-    def read_arrays(self, concept_ids: Sequence[str] | None = None,
-                    encoder_id: str | None = None) -> StoredArrays:
-        """The rows of `concept_ids` (all concepts when None), reading only the row groups that hold them.
+    def vacuum(self, retention_hours: float | None = None, *, dry_run: bool = False) -> list[str]:
+        """Delete data files that no version younger than `retention_hours` (default: the table's, 7 days) uses,
+        and files the log never referenced (a killed writer's). Returns the files (to be) deleted. Versions older
+        than the retention can no longer be read afterwards."""
+        table = self.table()
+        if table is None:
+            return []
+        if retention_hours is not None and retention_hours < 0:
+            raise InputError(f"retention_hours must be >= 0, got {retention_hours}")
+        hours = None if retention_hours is None else int(retention_hours)
+        return self._retrying("vacuuming", lambda: table.vacuum(hours, dry_run=dry_run,
+                                                                  enforce_retention_duration=False))
 
-        A concept stored more than once under one encoder (re-encoded from a changed image) reads as its
-        newest row. A concept stored under several encoders needs `encoder_id`: mixing encoders is an error.
-        """
-        if isinstance(concept_ids, str):
-            raise InputError("concept_ids must be a sequence of ids, not one string")
-        asked = None if concept_ids is None else list(concept_ids)
-        parts = self._refresh()
-        index = self._index(encoder_id, parts)
-        if asked is not None:
-            wanted = pa.array(asked, pa.string())
-            index = index.filter(pc.is_in(index.column("concept_id"), value_set=wanted))
-        newest = _newest_rows(index, encoder_id is None)
-        row_of = dict(zip(newest.column("concept_id").to_pylist(), range(newest.num_rows), strict=True))
-        ids = sorted(row_of) if asked is None else asked
-        missing = [cid for cid in ids if cid not in row_of]
-        if missing:
-            under = f" under encoder {encoder_id!r}" if encoder_id is not None else ""
-            raise InputError(f"concept id {missing[0]!r} is not in the embedding store at {self.storage.uri()}"
-                             f"{under}" + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""))
-        take = np.array([row_of[cid] for cid in ids], dtype=np.int64)
-        return self._read_rows(parts, newest.column("_part").to_numpy()[take], newest.column("_row").to_numpy()[take])
+    # ---- errors ----------------------------------------------------------------------------
 
-    def read_info(self, concept_ids: Sequence[str] | None = None, encoder_id: str | None = None) -> pa.Table:
-        """`read_arrays`' rows without the tensors: concept_id, source_uri, hashes, encoder_id, created_at and the
-        metadata columns (null where a row's part lacks one), in the same order. Cheap enough to plan a catalog."""
-        if isinstance(concept_ids, str):
-            raise InputError("concept_ids must be a sequence of ids, not one string")
-        parts = self._refresh()
-        index = self._index(encoder_id, parts)
-        if concept_ids is not None:
-            index = index.filter(pc.is_in(index.column("concept_id"), value_set=pa.array(list(concept_ids),
-                                                                                          pa.string())))
-        newest = _newest_rows(index, encoder_id is None)
-        found = set(newest.column("concept_id").to_pylist())
-        missing = [] if concept_ids is None else [cid for cid in concept_ids if cid not in found]
-        if missing:
-            raise InputError(f"concept id {missing[0]!r} is not in the embedding store at {self.storage.uri()}"
-                             + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""))
-        pieces = []
-        part_nos = newest.column("_part").to_numpy()
-        rows = newest.column("_row").to_numpy()
-        for part_no in np.unique(part_nos):
-            part = parts[part_no]
-            columns = [name for name in part.footer.schema.to_arrow_schema().names if name not in TENSOR_COLUMNS]
-            with self._guard(part.name), self.storage.open_part(part.name) as source:
-                table = pq.ParquetFile(source, metadata=part.footer).read(columns=columns, use_threads=False)
-            pieces.append(table.take(pa.array(rows[part_nos == part_no])))
-        if not pieces:
-            return pa.schema([f for f in CORE_SCHEMA if f.name not in TENSOR_COLUMNS]).empty_table()
-        table = pa.concat_tables(pieces, promote_options="default")
-        order = pc.sort_indices(table, [("concept_id", "ascending")]) if concept_ids is None else pa.array(
-            [position for position in _positions(table.column("concept_id").to_pylist(), list(concept_ids))])
-        return table.take(order)
+    def _retrying(self, doing: str, run: Callable[[], T]) -> T:
+        """`run()`, redone on a commit conflict with jittered exponential backoff, up to `commit_retries` times."""
+        for attempt in range(self.commit_retries + 1):
+            try:
+                return run()
+            except CommitFailedError as err:
+                if attempt == self.commit_retries:
+                    raise TransientStorageError(f"{self.uri()}: {doing} the embedding table failed after "
+                                                f"{attempt + 1} conflicting commits: {err}") from err
+                time.sleep(min(2.0, 0.02 * 2 ** attempt) * random.uniform(0.5, 1.5))
+                if self._table is not None:
+                    self._call("reading the log of", self._table.update_incremental)
+            except (DeltaError, OSError, pa.ArrowException) as err:
+                raise self._error(doing, err) from err
+        raise AssertionError("unreachable")
 
-    def read_embeddings(self, concept_ids: Sequence[str] | None = None,
-                        encoder_id: str | None = None) -> list[ConceptEmbedding]:
-        """`read_arrays` as `ConceptEmbedding`s for generation: local tokens and mask back to float32."""
-        return embeddings_from_arrays(self.read_arrays(concept_ids, encoder_id))
-
-    # ---- internals -------------------------------------------------------------------------
-
-    @contextmanager
-    def _guard(self, name: str, doing: str = "read") -> Iterator[None]:
-        """Turn pyarrow's and the OS's errors into a StorageError naming the part."""
+    def _call(self, doing: str, run: Callable[[], T]) -> T:
         try:
-            yield
-        except (pa.ArrowException, OSError) as err:
-            if doing == "write":
-                raise StorageError(f"{self.storage.uri(name)}: writing the embedding store part failed: "
-                                   f"{err}") from err
-            raise StorageError(f"{self.storage.uri(name)}: unreadable embedding store part: {err}") from err
+            return run()
+        except (DeltaError, OSError) as err:
+            raise self._error(doing, err) from err
 
-    def _refresh(self) -> list[_Part]:
-        """The current parts, loading only those not seen before (parts never change once visible)."""
-        names = self.storage.list_parts()
-        gone = self._parts.keys() - set(names)
-        for name in gone:
-            del self._parts[name]
-        if gone:  # a part was removed (e.g. compacted away): rebuild the dedupe keys
-            self._keys = {key for part in self._parts.values() for key in _keys_of(part.keys)}
-        for name in names:
-            if name not in self._parts:
-                part = self._load_part(name)
-                self._parts[name] = part
-                self._keys.update(_keys_of(part.keys))
-        return [self._parts[name] for name in names]
-
-    def _load_part(self, name: str) -> _Part:
-        uri = self.storage.uri(name)
-        with self._guard(name), self.storage.open_part(name) as source:
-            parquet = pq.ParquetFile(source)
-            schema = parquet.schema_arrow
-            check_schema(schema, uri)
-            keys = parquet.read(columns=INDEX_COLUMNS, use_threads=False)
-            footer = parquet.metadata
-        sizes = [footer.row_group(i).num_rows for i in range(footer.num_row_groups)]
-        starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
-        metadata_types = {f.name: f.type for f in schema if f.name not in CORE_COLUMNS}
-        return _Part(name, footer, starts, keys, metadata_types)
-
-    def _index(self, encoder_id: str | None, parts: list[_Part] | None = None) -> pa.Table:
-        """The key columns of every stored row, with `_part` (position in `parts`) and `_row` (row in its part)."""
-        parts = self._refresh() if parts is None else parts
-        names = tuple(part.name for part in parts)
-        if self._index_cache is None or self._index_cache[0] != names:  # rebuilt only when the parts changed
-            tables = [part.keys.append_column("_part", pa.array(np.full(part.keys.num_rows, n, np.int64)))
-                      .append_column("_row", pa.array(np.arange(part.keys.num_rows, dtype=np.int64)))
-                      for n, part in enumerate(parts)]
-            if not tables:
-                empty = pa.schema([CORE_SCHEMA.field(c) for c in INDEX_COLUMNS])
-                tables = [empty.empty_table().append_column("_part", pa.array([], pa.int64()))
-                          .append_column("_row", pa.array([], pa.int64()))]
-            self._index_cache = (names, pa.concat_tables(tables).combine_chunks())
-        index = self._index_cache[1]
-        if encoder_id is not None:
-            index = index.filter(pc.equal(index.column("encoder_id"), encoder_id))
-        return index
-
-    def _read_rows(self, parts: list[_Part], part_nos: np.ndarray, rows: np.ndarray) -> StoredArrays:
-        """Read the given (part, row) pairs, one needed row group at a time, into output position order."""
-        out = ArraysBuilder(len(rows))
-        for part_no in np.unique(part_nos):
-            part = parts[part_no]
-            positions = np.flatnonzero(part_nos == part_no)  # output positions served by this part
-            groups = np.searchsorted(part.row_group_starts, rows[positions], side="right") - 1
-            with self._guard(part.name), self.storage.open_part(part.name) as source:
-                parquet = pq.ParquetFile(source, metadata=part.footer)
-                for group in np.unique(groups):
-                    in_group = positions[groups == group]
-                    table = parquet.read_row_group(int(group), use_threads=False)
-                    wanted = rows[in_group] - part.row_group_starts[group]  # rows within the group
-                    if not np.array_equal(wanted, np.arange(table.num_rows)):  # whole group in order: no copy
-                        table = table.take(wanted)
-                    out.put(in_group, table, self.storage.uri(part.name))
-        return out.build()
-
-
-def _positions(have: list[str], wanted: list[str]) -> list[int]:
-    """Positions in `have` of each of `wanted` (all present), in `wanted`'s order."""
-    where = {cid: n for n, cid in enumerate(have)}
-    return [where[cid] for cid in wanted]
-
-
-def _keys_of(keys: pa.Table) -> Iterator[StoreKey]:
-    return zip(keys.column("concept_id").to_pylist(), keys.column("image_sha256").to_pylist(),
-               keys.column("mask_sha256").to_pylist(), keys.column("encoder_id").to_pylist(), strict=True)
-
-
-def _newest_rows(index: pa.Table, check_encoders: bool) -> pa.Table:
-    """One row per concept id: its newest (then latest-written) row; several encoders for one id is an error."""
-    if check_encoders and index.num_rows:
-        counts = index.group_by("concept_id").aggregate([("encoder_id", "count_distinct")])
-        mixed = counts.filter(pc.greater(counts.column("encoder_id_count_distinct"), 1))
-        if mixed.num_rows:
-            cid = mixed.column("concept_id")[0].as_py()
-            encoders = sorted(set(index.filter(pc.equal(index.column("concept_id"), cid))
-                                  .column("encoder_id").to_pylist()))
-            raise InputError(f"concept id {cid!r} is stored under {len(encoders)} encoders ({', '.join(encoders)}); "
-                             "pass encoder_id to choose one")
-    ordered = index.sort_by([("concept_id", "ascending"), ("created_at", "ascending"),
-                             ("_part", "ascending"), ("_row", "ascending")])
-    ids = np.asarray(ordered.column("concept_id").to_pylist(), dtype=object)
-    last = np.append(ids[1:] != ids[:-1], True) if len(ids) else np.zeros(0, bool)  # last row of each id
-    return ordered.filter(pa.array(last))
-
-
-def embeddings_from_arrays(arrays: StoredArrays) -> list[ConceptEmbedding]:
-    """Stored rows as `ConceptEmbedding`s (float32 tensors), as the pipeline and the embeddings file take them."""
-    return [ConceptEmbedding(cid, torch.from_numpy(arrays.words[i]),
-                             torch.from_numpy(arrays.local_tokens[i].astype(np.float32)),
-                             torch.from_numpy(arrays.mask_grid[i].astype(np.float32)))
-            for i, cid in enumerate(arrays.concept_ids)]
+    def _error(self, doing: str, err: Exception) -> StorageError:
+        text = str(err)
+        kind = TransientStorageError if any(word in text.lower() for word in _TRANSIENT) else StorageError
+        return kind(f"{self.uri()}: {doing} the embedding table failed: {text}")

@@ -19,8 +19,12 @@ import pyarrow.compute as pc
 from elite.errors import InputError, StorageError
 from elite.model.concepts import ConceptEmbedding
 
-SCHEMA_VERSION = 1  # bump on any change to the core columns below; readers refuse other versions
-SCHEMA_VERSION_KEY = b"elite.schema_version"  # in each part's footer, checked before any data is read
+# Two formats share these records and readers. schema_version 2 is the Delta Lake table (elite.data.store):
+# mask_grid is binary there, as Delta has no unsigned bytes. schema_version 1 is the earlier folder of Parquet
+# parts (elite.data.parts_store), read until it is migrated. Bump on any change to the core columns below.
+SCHEMA_VERSION = 2
+PARTS_SCHEMA_VERSION = 1
+SCHEMA_VERSION_KEY = b"elite.schema_version"  # in each v1 part's footer; a table property of the v2 table
 # The unit a selective read fetches (16 x 384 KiB of real-size local tokens, ~3 MB after zstd): a read of a few
 # ids costs about this many rows each, a store open costs per group. Chosen from benchmarks/bench_store.py.
 DEFAULT_ROW_GROUP_ROWS = 16
@@ -29,7 +33,7 @@ COMPRESSION = "zstd"  # zero (background) patches shrink to nothing; see docs/em
 MetadataValue = str | int | float | bool | None
 
 # The core columns, in file order. Everything else in a part is a user metadata column.
-CORE_SCHEMA = pa.schema([
+PARTS_CORE_SCHEMA = pa.schema([
     pa.field("concept_id", pa.string(), nullable=False),
     pa.field("source_uri", pa.string(), nullable=False),
     pa.field("image_sha256", pa.string(), nullable=False),
@@ -41,6 +45,9 @@ CORE_SCHEMA = pa.schema([
     pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
     pa.field("schema_version", pa.int32(), nullable=False),
 ])
+# schema_version 2: the same columns, mask_grid as (grid * grid) bytes, row-major
+CORE_SCHEMA = pa.schema([field if field.name != "mask_grid" else pa.field("mask_grid", pa.binary(), nullable=False)
+                         for field in PARTS_CORE_SCHEMA])
 CORE_COLUMNS = frozenset(CORE_SCHEMA.names)
 TENSOR_COLUMNS = ("words", "local_tokens", "mask_grid")
 # read once per part and kept: enough to plan an encode run (identity, changed bytes, source) without more reads
@@ -173,16 +180,25 @@ def nested_list(arrays: Sequence[np.ndarray], value_type: Any) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(rows)]), pa.int32()), inner)
 
 
+def binary_rows(arrays: Sequence[np.ndarray]) -> pa.Array:
+    """One binary value per array: its bytes, row-major (little-endian for multi-byte types)."""
+    data = [np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in arrays]
+    offsets = np.concatenate([[0], np.cumsum([d.size for d in data], dtype=np.int64)])
+    if offsets[-1] >= 2**31:  # binary offsets are int32
+        raise InputError(f"{len(arrays)} concepts hold over 2 GiB of local tokens, too much for one row group; "
+                         "lower row_group_rows")
+    return pa.Array.from_buffers(pa.binary(), len(arrays), [None, pa.py_buffer(offsets.astype(np.int32)),
+                                                            pa.py_buffer(np.concatenate(data))])
+
+
+def version_of(schema: pa.Schema) -> int:
+    return SCHEMA_VERSION if schema.field("mask_grid").type == pa.binary() else PARTS_SCHEMA_VERSION
+
+
 def record_batch(records: Sequence[EmbeddingRecord], schema: pa.Schema,
                   created_at: datetime.datetime) -> pa.RecordBatch:
-    """One row group's worth of records as a batch of `schema`."""
-    tokens = [r.local_tokens.reshape(-1).view(np.uint8) for r in records]  # (grid * grid * text_dim * 2,) bytes
-    offsets = np.concatenate([[0], np.cumsum([t.size for t in tokens], dtype=np.int64)])
-    if offsets[-1] >= 2**31:  # binary offsets are int32
-        raise InputError(f"{len(records)} concepts hold over 2 GiB of local tokens, too much for one row group; "
-                         "lower row_group_rows")
-    local_tokens = pa.Array.from_buffers(pa.binary(), len(records), [
-        None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(np.concatenate(tokens))])
+    """One row group's worth of records as a batch of `schema` (either version: the mask by its type there)."""
+    local_tokens = binary_rows([r.local_tokens for r in records])  # (grid * grid * text_dim * 2,) bytes each
     columns: dict[str, pa.Array] = {
         "concept_id": pa.array([r.concept_id for r in records], pa.string()),
         "source_uri": pa.array([r.source_uri for r in records], pa.string()),
@@ -191,9 +207,10 @@ def record_batch(records: Sequence[EmbeddingRecord], schema: pa.Schema,
         "encoder_id": pa.array([r.encoder_id for r in records], pa.string()),
         "words": nested_list([r.words for r in records], pa.float32()),
         "local_tokens": local_tokens,
-        "mask_grid": nested_list([r.mask_grid for r in records], pa.uint8()),
+        "mask_grid": (binary_rows([r.mask_grid for r in records]) if schema.field("mask_grid").type == pa.binary()
+                      else nested_list([r.mask_grid for r in records], pa.uint8())),
         "created_at": pa.array([created_at] * len(records), pa.timestamp("us", tz="UTC")),
-        "schema_version": pa.array([SCHEMA_VERSION] * len(records), pa.int32()),
+        "schema_version": pa.array([version_of(schema)] * len(records), pa.int32()),
     }
     for f in schema:
         if f.name not in CORE_COLUMNS:
@@ -202,21 +219,44 @@ def record_batch(records: Sequence[EmbeddingRecord], schema: pa.Schema,
 
 
 def check_schema(schema: pa.Schema, uri: str) -> None:
-    """Refuse a part of another schema version, or one whose core columns are not what this version writes."""
+    """Refuse a v1 part of another schema version, or one whose core columns are not what v1 writes."""
     version = (schema.metadata or {}).get(SCHEMA_VERSION_KEY)
     if version is None:
         raise StorageError(f"{uri}: not an ELITE embedding store part (no {SCHEMA_VERSION_KEY.decode()} "
                            "in its footer)")
-    if version.decode() != str(SCHEMA_VERSION):
+    if version.decode() != str(PARTS_SCHEMA_VERSION):
         raise StorageError(f"{uri}: embedding store schema_version {version.decode()}, but this release "
-                           f"reads schema_version {SCHEMA_VERSION}; read it with a matching release or "
-                           "rewrite the store")
-    for expected in CORE_SCHEMA:
+                           f"reads part folders of schema_version {PARTS_SCHEMA_VERSION} and tables of "
+                           f"schema_version {SCHEMA_VERSION}; read it with a matching release")
+    check_core_columns(schema, PARTS_CORE_SCHEMA, uri)
+
+
+def check_core_columns(schema: pa.Schema, core: pa.Schema, uri: str) -> None:
+    """Every core column present with the type of `core` (string and binary views count as their plain types)."""
+    for expected in core:
         index = schema.get_field_index(expected.name)
-        if index < 0 or not schema.field(index).type.equals(expected.type):
-            found = "missing" if index < 0 else f"of type {schema.field(index).type}"
-            raise StorageError(f"{uri}: core column {expected.name!r} is {found}, "
-                               f"schema_version {SCHEMA_VERSION} has {expected.type}")
+        found = None if index < 0 else plain_type(schema.field(index).type)
+        if found is None or not found.equals(expected.type):
+            what = "missing" if found is None else f"of type {schema.field(index).type}"
+            raise StorageError(f"{uri}: core column {expected.name!r} is {what}, "
+                               f"schema_version {version_of(core)} has {expected.type}")
+
+
+def plain_type(type_: Any) -> Any:
+    """string/binary for their view and large variants (what other writers of a table may use), recursively."""
+    if pa.types.is_string_view(type_) or pa.types.is_large_string(type_):
+        return pa.string()
+    if pa.types.is_binary_view(type_) or pa.types.is_large_binary(type_):
+        return pa.binary()
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_) or pa.types.is_list_view(type_):
+        return pa.list_(plain_type(type_.value_type))
+    return type_
+
+
+def plain_table(table: pa.Table) -> pa.Table:
+    """`table` with plain string, binary and list types (see `plain_type`): what the numpy conversions expect."""
+    schema = pa.schema([f.with_type(plain_type(f.type)) for f in table.schema], metadata=table.schema.metadata)
+    return table if schema.equals(table.schema) else table.cast(schema)
 
 
 class ArraysBuilder:
@@ -232,7 +272,7 @@ class ArraysBuilder:
 
     def put(self, positions: np.ndarray, table: pa.Table, uri: str) -> None:
         words = lists_to_numpy(table.column("words"), np.float32, uri)  # (n, 5, text_dim)
-        mask_grid = lists_to_numpy(table.column("mask_grid"), np.uint8, uri)  # (n, grid, grid)
+        mask_grid = mask_to_numpy(table.column("mask_grid"), uri)  # (n, grid, grid)
         patches, text_dim = mask_grid.shape[1] * mask_grid.shape[2], words.shape[2]
         tokens = binary_to_numpy(table.column("local_tokens"), (patches, text_dim), uri)  # (n, patches, text_dim)
         for name, piece in (("words", words), ("local_tokens", tokens), ("mask_grid", mask_grid)):
@@ -280,18 +320,33 @@ def lists_to_numpy(column: pa.ChunkedArray, dtype: Any, uri: str) -> np.ndarray:
     return values.reshape(len(outer), int(outer_lengths[0]), int(inner_lengths[0]))
 
 
-def binary_to_numpy(column: pa.ChunkedArray, shape: tuple[int, int], uri: str) -> np.ndarray:
-    """(rows, *shape) float16 from a binary column of one little-endian array per row, without copying per row."""
+def mask_to_numpy(column: pa.ChunkedArray, uri: str) -> np.ndarray:
+    """(rows, grid, grid) uint8 from either format's mask column: list<list<uint8>> (v1) or grid * grid bytes (v2)."""
+    if column.type != pa.binary():
+        return lists_to_numpy(column, np.uint8, uri)
+    sizes = pc.binary_length(column).to_numpy(zero_copy_only=False) if len(column) else np.zeros(0, np.int32)
+    grid = round(float(np.sqrt(sizes[0]))) if len(sizes) else 0
+    if len(sizes) and (grid * grid != sizes[0] or grid == 0):
+        raise StorageError(f"{uri}: a mask_grid of {int(sizes[0])} bytes is not a square grid")
+    if (sizes != grid * grid).any():
+        raise InputError(f"the concepts asked for have masks of different sizes (in {uri}); "
+                         "read one encoder_id at a time")
+    return binary_to_numpy(column, (grid, grid), uri, np.uint8)
+
+
+def binary_to_numpy(column: pa.ChunkedArray, shape: tuple[int, int], uri: str, dtype: Any = "<f2") -> np.ndarray:
+    """(rows, *shape) of `dtype` from a binary column of one little-endian array per row, without copying per row."""
     array = column.combine_chunks()
+    dtype = np.dtype(dtype)
     if array.null_count:
-        raise StorageError(f"{uri}: null local_tokens")
+        raise StorageError(f"{uri}: null values in a {column.type} tensor column")
     if len(array) == 0:
-        return np.zeros((0, *shape), np.float16)
+        return np.zeros((0, *shape), dtype)
     offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset:array.offset + len(array) + 1]
-    expected = shape[0] * shape[1] * 2
+    expected = shape[0] * shape[1] * dtype.itemsize
     sizes = np.diff(offsets)
     if (sizes != expected).any():
-        raise StorageError(f"{uri}: local_tokens of {int(sizes[sizes != expected][0])} bytes, "
-                           f"expected {expected} for {shape} float16")
+        raise StorageError(f"{uri}: a tensor of {int(sizes[sizes != expected][0])} bytes, "
+                           f"expected {expected} for {shape} {dtype}")
     data = np.frombuffer(array.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
-    return data.view("<f2").reshape(len(array), *shape)
+    return data.view(dtype).reshape(len(array), *shape)
