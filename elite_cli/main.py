@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from tqdm.auto import tqdm
 
 from elite.data.prompts import DEFAULT_PROMPTS, PromptSpec, load_prompts
-from elite.data.storage import embedding_store, open_store
+from elite.data.storage import embedding_store, embedding_table, open_store
 from elite.errors import EliteError, Failure, InputError, printable
 from elite.fileio import sha256_file
 from elite.jobs.common import check_output, check_readable
@@ -27,6 +27,7 @@ from elite_cli.common import models_of, print_failures
 from elite_cli.parser import build_parser
 from elite_cli.personalize import cmd_personalize
 from elite_cli.quiet import quiet_libraries
+from elite_cli.store import cmd_store
 
 # The model side (torch models, diffusers, ONNX export) is imported by the commands that use it: `--help`, a
 # mistyped option or a missing folder answer in a second, not after diffusers has loaded.
@@ -75,21 +76,23 @@ def cmd_encode(args: argparse.Namespace) -> int:
     check_readable(source, "concepts")  # before the models load: a mistyped folder fails in a second
     reports = open_store(args.store)  # the store's folder: the failures table goes under its _runs/
     check_output(reports)
+    embedding_table(args.store)  # a store of the earlier format is refused (with how to migrate) before models load
     models = models_of(args, encoder_needs(args.engine))
     args.quiet()
     from elite.jobs.encode import EncoderSettings, cached_encoder, encode_catalog  # the model side: when needed
 
-    embeddings = embedding_store(args.store)
+    embeddings = embedding_table(args.store)
     encoder = cached_encoder(EncoderSettings(args.engine, models["onnx_path"], models["vision_model"],
                                              models["global_mapper"], models["local_mapper"],
                                              models["pretrained_model"], args.encode_device, args.dtype))
     with tqdm(desc="encoding", unit="concept") as bar:
         report = encode_catalog(source, embeddings, encoder, manifest=args.manifest, batch_size=args.batch_size,
                                 reports=reports, replace_sources=args.replace_sources,
-                                progress=bar.update)
+                                progress=bar.update, compact_min_files=args.compact_min_files or None)
     print_failures(report.failures)
     print(f"encoded {report.done} concepts ({report.skipped} already stored, {len(report.failures)} failed) with "
           f"{report.encoder_id[:18]} on {getattr(encoder, 'device', '?')} -> {args.store}"
+          + (f"\n  compacted {report.compacted.get('numFilesRemoved', 0)} small files" if report.compacted else "")
           + (f"\n  failures: {report.failures_uri}" if report.failures_uri else ""))
     return 1 if report.failures else 0
 
@@ -110,7 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     models = models_of(args, GENERATOR_NEEDS)
     prompts, prompt_failures = _prompts(args)
     embeddings = embedding_store(args.store)
-    if not embeddings.part_names():  # a mistyped --store would otherwise "generate 0 images" and succeed
+    if embeddings.is_empty():  # a mistyped --store would otherwise "generate 0 images" and succeed
         raise InputError(f"the embedding store at {args.store} holds no concepts (encode some with `elite encode`)")
     out = open_store(args.out)
     check_output(out)
@@ -136,8 +139,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     where = dict(args.where) if args.where else None
     manifest = export_embeddings(args.store, args.dest, args.format, concept_ids=args.concept, where=where,
                                  encoder_id=args.encoder_id, shard_size=args.shard_size,
-                                 token_template=args.token_template)
-    print(f"exported {manifest['exported']} concepts as {args.format} in {manifest['file_count']} file(s) to "
+                                 token_template=args.token_template, version=args.version)
+    at = f" (table version {manifest['store_version']})" if manifest["store_version"] is not None else ""
+    print(f"exported {manifest['exported']} concepts{at} as {args.format} in {manifest['file_count']} file(s) to "
           f"{manifest['dest_uri']}\n  manifest: {manifest['manifest_uri']}")
     return 0
 
@@ -145,6 +149,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "convert-checkpoint": cmd_convert, "export-onnx": cmd_export_onnx, "make-tiny-models": cmd_make_tiny,
     "encode": cmd_encode, "generate": cmd_generate, "export": cmd_export, "personalize": cmd_personalize,
+    "store": cmd_store,
 }
 
 

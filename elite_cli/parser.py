@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from typing import Any
 
 from elite.data.export import DEFAULT_TOKEN_TEMPLATE, FORMATS
+from elite.data.store import COMPACT_MIN_FILES
 from elite.jobs.models import MODEL_ENV
 
 Formatter = argparse.ArgumentDefaultsHelpFormatter
@@ -82,6 +84,7 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     _sampler(p, tiny_defaults=True)
     p.add_argument("--batch-size", type=positive, default=4, help="images per generation task")
     p.add_argument("--encode-batch-size", type=positive, default=8, help="concepts per encoding task")
+    _compaction(p)
     p.add_argument("--devices", help="generation slots, e.g. cuda:0,cuda:1 (default: every GPU, else cpu)")
     p.add_argument("--timeout", type=float, help="fail the flow run after this many seconds (default: no limit)")
     _models(p, "pretrained_model", "vision_model", "global_mapper", "local_mapper", "onnx_path")
@@ -95,6 +98,7 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, help="embedding store folder or s3:// prefix to append to")
     _catalog(p, "CONCEPTS")
     p.add_argument("--batch-size", type=positive, default=8, help="concepts per encoder call")
+    _compaction(p)
     p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                    help="encoder dtype: auto is float16 on CUDA, float32 on the CPU")
     _encoder(p, "--device")
@@ -132,8 +136,12 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
                    help="only concepts whose metadata column equals the value (repeatable)")
     p.add_argument("--encoder-id", help="only embeddings of this encoder (needed when several stored them)")
     p.add_argument("--shard-size", type=positive, default=1000, help="concepts per file")
+    p.add_argument("--version", type=non_negative, help="export the table as it was at this version "
+                   "(`elite store history`; default: the newest)")
     p.add_argument("--token-template", default=DEFAULT_TOKEN_TEMPLATE,
                    help="textual-inversion token of each concept")
+
+    _store_commands(sub)
 
     p = sub.add_parser("export-onnx", formatter_class=Formatter, help="export the concept encoder to one ONNX file",
                        description="Export CLIP vision tower + global mapper + local mapper as one ONNX graph "
@@ -159,15 +167,63 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
-def positive(text: str) -> int:
-    """An integer of at least 1 (batch sizes, counts), refused by argparse before anything loads."""
+def _compaction(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compact-min-files", type=non_negative, default=COMPACT_MIN_FILES,
+                        help="after encoding, compact the embedding table once this many small files (one per "
+                             "batch) have piled up; 0: never")
+
+
+def _store_commands(sub: Any) -> None:
+    p = sub.add_parser("store", formatter_class=Formatter, help="look after the embedding table: history, "
+                       "optimize, vacuum, migrate", description="Maintenance of the embedding table (a Delta Lake "
+                       "table in a folder or under an s3:// prefix; docs/embedding-store.md).")
+    store = p.add_subparsers(dest="store_command", required=True, metavar="STORE_COMMAND")
+    q = store.add_parser("history", formatter_class=Formatter, help="the table's versions, newest first",
+                         description="One line per commit: version, time (UTC), operation and what it changed.")
+    q.add_argument("store", help="embedding table folder or s3:// prefix")
+    q.add_argument("--limit", type=positive, default=20, help="show at most this many versions")
+    q = store.add_parser("optimize", formatter_class=Formatter, help="compact small files into few large ones",
+                         description="Rewrite the small data files (one per encode batch) into files of about "
+                                     "--target-size, in one commit; with --z-order, rewrite every file ordered by "
+                                     "concept_id (reads of a few ids touch fewer files). Old versions stay "
+                                     "readable until vacuum.")
+    q.add_argument("store", help="embedding table folder or s3:// prefix")
+    q.add_argument("--z-order", action="store_true", help="order all rows by concept_id (rewrites everything)")
+    q.add_argument("--target-size", type=positive, help="target file size in bytes (default: deltalake's, 100 MB)")
+    q = store.add_parser("vacuum", formatter_class=Formatter, help="delete files no recent version needs",
+                         description="Delete data files that no version younger than --retention-hours uses, and "
+                                     "files no commit ever referenced (a killed writer's). Versions older than "
+                                     "the retention cannot be read afterwards.")
+    q.add_argument("store", help="embedding table folder or s3:// prefix")
+    q.add_argument("--retention-hours", type=float, default=168.0, help="keep what the last this-many hours' "
+                   "versions need (Delta's default: 7 days; keep it above your longest-running reader)")
+    q.add_argument("--dry-run", action="store_true", help="list the files without deleting them")
+    q = store.add_parser("migrate", formatter_class=Formatter, help="convert a store of the earlier part format "
+                         "into a table", description="Copy every current row of a store of the earlier format "
+                         "(a folder of part-*.parquet files) into a new embedding table, hashes and metadata "
+                         "unchanged. OLD is only read; run it again to finish an interrupted migration.")
+    q.add_argument("old", help="the earlier store: folder or s3:// prefix")
+    q.add_argument("new", help="the new table: folder or s3:// prefix (empty, or a migration to finish)")
+
+
+def _integer(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
     return value
+
+
+def positive(text: str) -> int:
+    """An integer of at least 1 (batch sizes, counts), refused by argparse before anything loads."""
+    return _integer(text, 1)
+
+
+def non_negative(text: str) -> int:
+    """An integer of at least 0 (table versions; 0 turns a count off)."""
+    return _integer(text, 0)
 
 
 def name_value(text: str) -> tuple[str, object]:

@@ -96,6 +96,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
             generate_batch_size=args.batch_size, base_seed=args.seed,
             devices=args.devices.split(",") if args.devices else None, dtype=args.dtype,
             encode_device=args.encode_device, replace_sources=args.replace_sources,
+            compact_min_files=args.compact_min_files or None,
             pretrained_model=models["pretrained_model"], vision_model=models["vision_model"],
             global_mapper=models["global_mapper"], local_mapper=models["local_mapper"], onnx_path=models["onnx_path"])
     except EliteError:

@@ -1,7 +1,7 @@
 """Prefect flows over the `elite` library (install with the `flows` extra).
 
     flows.personalize.personalize_catalog  the scheduled catalog job: encode what is new, generate what is missing
-    flows.encode.encode_concepts           concept images on a store -> the Parquet embedding store
+    flows.encode.encode_concepts           concept images on a store -> the embedding table (Delta Lake)
     flows.generate.generate_images         stored concepts x a prompt file -> PNGs, a results manifest, failures
     flows.export.export_embeddings         the store (whole or filtered) -> Parquet, safetensors, NumPy, TI files
 

@@ -14,7 +14,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from elite.data.objects import ObjectStore
 from elite.data.s3 import StorageSettings, storage_settings_from_env
-from elite.data.storage import embedding_store, open_store
+from elite.data.storage import AnyEmbeddingStore, embedding_store, embedding_table, open_store
 from elite.data.store import EmbeddingStore
 from elite.errors import Failure, TransientStorageError
 from elite.jobs.common import Locations
@@ -61,7 +61,7 @@ def capture_library_logs() -> None:
 
 
 # ---- stores, one per thread ----------------------------------------------------------------------
-# A boto3 client costs tens of milliseconds to build and an EmbeddingStore keeps the part index it has read;
+# A boto3 client costs tens of milliseconds to build and an embedding store keeps the file index it has read;
 # the task threads of a worker are reused, so each keeps its own (EmbeddingStore is one-instance-per-thread).
 
 _local = threading.local()
@@ -89,9 +89,16 @@ def locations_at(uri: str) -> Locations:
     return locations
 
 
-def embeddings_at(uri: str) -> EmbeddingStore:
-    """The EmbeddingStore at `uri`, cached per thread, so a worker reads each part's index once."""
-    store: EmbeddingStore = _per_thread("embedding_stores", uri, embedding_store)
+def embeddings_at(uri: str) -> AnyEmbeddingStore:
+    """The embedding store at `uri` to read (the table, or a store of the earlier format), cached per thread, so
+    a worker reads each data file's index once."""
+    store: AnyEmbeddingStore = _per_thread("embedding_stores", uri, embedding_store)
+    return store
+
+
+def table_at(uri: str) -> EmbeddingStore:
+    """The embedding table at `uri` to write to, cached per thread (a store of the earlier format is refused)."""
+    store: EmbeddingStore = _per_thread("embedding_tables", uri, embedding_table)
     return store
 
 

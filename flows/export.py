@@ -34,9 +34,11 @@ def export_shard(job: ExportJob, shard: int, concept_ids: list[str]) -> list[Exp
 @flow(name="export-embeddings", flow_run_name="export {store_uri} to {dest_uri}", log_prints=True)
 def export_embeddings(store_uri: str, dest_uri: str, format: str = "parquet", concept_ids: list[str] | None = None,
                       where: dict[str, Any] | None = None, encoder_id: str | None = None, shard_size: int = 1000,
-                      token_template: str = DEFAULT_TOKEN_TEMPLATE, max_concurrency: int = 4) -> dict[str, Any]:
+                      token_template: str = DEFAULT_TOKEN_TEMPLATE, max_concurrency: int = 4,
+                      version: int | None = None) -> dict[str, Any]:
     """Every selected concept of the store at `store_uri` -> `format` files and `manifest.json` under `dest_uri`.
-    At most `max_concurrency` shards are in memory at once."""
+    At most `max_concurrency` shards are in memory at once. One table version is read: `version`, or the newest
+    when the export starts."""
     if max_concurrency < 1:
         raise InputError(f"max_concurrency must be at least 1, got {max_concurrency}")
     capture_library_logs()
@@ -47,13 +49,16 @@ def export_embeddings(store_uri: str, dest_uri: str, format: str = "parquet", co
                            max_concurrency)
 
     manifest = export_job(store_uri, dest_uri, format, concept_ids=concept_ids, where=where, encoder_id=encoder_id,
-                          shard_size=shard_size, token_template=token_template, run_shards=run_shards)
+                          shard_size=shard_size, token_template=token_template, version=version,
+                          run_shards=run_shards)
     seconds = time.perf_counter() - started
     publish("export-embeddings", "Export embeddings", {
         "exported": manifest["exported"], "shards": manifest["shard_count"], "files": manifest["file_count"],
         "format": format, "where": manifest["where"] or "none", "encoders": ", ".join(manifest["encoder_ids"]),
+        "table version": manifest["store_version"],
         "throughput": f"{manifest['exported'] / seconds:.2f} concepts/s"},
         {"export": manifest["dest_uri"], "manifest": manifest["manifest_uri"]}, [])
     return {"exported": manifest["exported"], "shards": manifest["shard_count"], "files": manifest["file_count"],
             "format": format, "encoder_ids": manifest["encoder_ids"], "where": manifest["where"],
-            "dest_uri": manifest["dest_uri"], "manifest_uri": manifest["manifest_uri"], "seconds": seconds}
+            "dest_uri": manifest["dest_uri"], "manifest_uri": manifest["manifest_uri"],
+            "store_version": manifest["store_version"], "seconds": seconds}

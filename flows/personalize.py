@@ -21,6 +21,7 @@ from typing import Any
 
 from prefect import flow
 
+from elite.data.store import COMPACT_MIN_FILES
 from elite.errors import Failure
 from elite.jobs.common import put_failures, run_stamp
 from elite.jobs.models import GENERATOR_NEEDS, encoder_needs, resolve_models
@@ -42,10 +43,12 @@ def personalize_catalog(concepts_uri: str, prompts_uri: str | None, out_uri: str
                         width: int = 512, encode_batch_size: int = 8, encode_concurrency: int = 2,
                         generate_batch_size: int = 4, base_seed: int = 0, devices: list[str] | None = None,
                         dtype: str = "auto", encode_device: str = "auto",
-                        replace_sources: bool = False) -> dict[str, Any]:
+                        replace_sources: bool = False,
+                        compact_min_files: int | None = COMPACT_MIN_FILES) -> dict[str, Any]:
     """Encode the new concepts of `concepts_uri` (a folder, or the `manifest` key in it), then generate every
     image of the prompt file at `prompts_uri` (None: two default prompts) that the catalog's concepts lack, under
-    `out_uri`/images."""
+    `out_uri`/images. The encode step compacts the embedding table once `compact_min_files` small files have
+    piled up (None or 0: never)."""
     started = time.perf_counter()
     capture_library_logs()
     models = resolve_models(GENERATOR_NEEDS + encoder_needs(engine), pretrained_model=pretrained_model,
@@ -57,7 +60,8 @@ def personalize_catalog(concepts_uri: str, prompts_uri: str | None, out_uri: str
                               vision_model=models["vision_model"], global_mapper=models["global_mapper"],
                               local_mapper=models["local_mapper"], pretrained_model=models["pretrained_model"],
                               manifest=manifest, batch_size=encode_batch_size, concurrency=encode_concurrency,
-                              device=encode_device, dtype=dtype, replace_sources=replace_sources)
+                              device=encode_device, dtype=dtype, replace_sources=replace_sources,
+                              compact_min_files=compact_min_files)
     if encoded["concept_ids"]:
         generated = generate_images(store_uri, prompts_uri, images_uri, models["pretrained_model"],
                                     models["global_mapper"], models["local_mapper"],

@@ -32,8 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import safetensors.numpy
 
-from elite.data.storage import check_key, embedding_store, open_store
-from elite.data.store import EmbeddingStore, embeddings_from_arrays
+from elite.data.storage import AnyEmbeddingStore, check_key, embedding_store, open_store
+from elite.data.part_index import embeddings_from_arrays
+from elite.data.store import EmbeddingStore
 from elite.data.store_format import CORE_COLUMNS, TENSOR_COLUMNS, MetadataValue, StoredArrays
 from elite.errors import InputError, StorageError
 from elite.fileio import sha256_bytes, sha256_file
@@ -72,6 +73,7 @@ class ExportJob:
     encoder_id: str | None = None
     token_template: str = DEFAULT_TOKEN_TEMPLATE
     metadata_types: dict[str, str] = field(default_factory=dict)  # Parquet: user column -> Arrow type name
+    store_version: int | None = None  # the table version planned on: every shard reads that one snapshot
 
 
 @dataclass(frozen=True)
@@ -100,10 +102,11 @@ class ExportedFile:
 def plan_export(store_uri: str | os.PathLike[str], dest_uri: str | os.PathLike[str], format: str = "parquet", *,
                 concept_ids: Sequence[str] | None = None, where: Mapping[str, Any] | None = None,
                 encoder_id: str | None = None, shard_size: int = 1000,
-                token_template: str = DEFAULT_TOKEN_TEMPLATE) -> ExportPlan:
+                token_template: str = DEFAULT_TOKEN_TEMPLATE, version: int | None = None) -> ExportPlan:
     """Check the arguments, select the concepts (all, `concept_ids`, rows matching `where`) and cut the sorted
     ids into shards. `where` maps a metadata column to a value or a list of accepted values (Python equality;
-    None matches a missing value). Selecting nothing is an InputError."""
+    None matches a missing value). Selecting nothing is an InputError. The export reads one table version:
+    `version`, or the newest at planning time (so an encode committing meanwhile changes nothing here)."""
     if format not in FORMATS:
         raise InputError(f"export format {format!r} is unknown; choose one of {', '.join(FORMATS)}")
     if not isinstance(shard_size, int) or shard_size < 1:
@@ -115,7 +118,9 @@ def plan_export(store_uri: str | os.PathLike[str], dest_uri: str | os.PathLike[s
         _token(token_template, "concept")
     open_store(dest_uri)  # a bad destination fails here, before anything is read
     asked = None if concept_ids is None else sorted(set(concept_ids))
-    info = embedding_store(store_uri).read_info(asked, encoder_id)  # the newest row per concept, no tensors
+    store = embedding_store(store_uri, version=version)
+    info = store.read_info(asked, encoder_id)  # the current row per concept, no tensors
+    pinned = store.version() if isinstance(store, EmbeddingStore) else None
     metadata_types = {f.name: str(f.type) for f in info.schema if f.name not in CORE_COLUMNS}
     unknown = [name for name in accepted if name not in metadata_types]
     if unknown:
@@ -135,7 +140,8 @@ def plan_export(store_uri: str | os.PathLike[str], dest_uri: str | os.PathLike[s
     if format == TEXTUAL_INVERSION:
         for cid in ids:
             _textual_inversion_key(cid)
-    job = ExportJob(os.fspath(store_uri), os.fspath(dest_uri), format, encoder_id, token_template, metadata_types)
+    job = ExportJob(os.fspath(store_uri), os.fspath(dest_uri), format, encoder_id, token_template, metadata_types,
+                    pinned)
     shards = [ids[start:start + shard_size] for start in range(0, len(ids), shard_size)]
     return ExportPlan(job, shards, encoders, asked, accepted, shard_size)
 
@@ -190,7 +196,7 @@ def _textual_inversion_key(concept_id: str) -> str:
 
 def write_shard(job: ExportJob, shard: int, concept_ids: Sequence[str]) -> list[ExportedFile]:
     """Read one shard's concepts from the store and put its file(s) under `job.dest_uri`."""
-    store = embedding_store(job.store_uri)
+    store = embedding_store(job.store_uri, version=job.store_version)
     dest = open_store(job.dest_uri)
     ids = list(concept_ids)
     if job.format == TEXTUAL_INVERSION:
@@ -236,7 +242,7 @@ def _write_safetensors(path: Path, job: ExportJob, arrays: StoredArrays) -> None
     save_embeddings(path, concepts, header)
 
 
-def _write_parquet(path: Path, store: EmbeddingStore, job: ExportJob, ids: list[str]) -> None:
+def _write_parquet(path: Path, store: AnyEmbeddingStore, job: ExportJob, ids: list[str]) -> None:
     """One row group per PARQUET_ROW_GROUP_ROWS concepts, each read from the store just before it is written."""
     writer: pq.ParquetWriter | None = None
     try:
@@ -297,6 +303,7 @@ def write_manifest(plan: ExportPlan, files: Sequence[ExportedFile]) -> dict[str,
         "manifest_version": MANIFEST_VERSION,
         "format": job.format,
         "store_uri": job.store_uri,
+        "store_version": job.store_version,  # the table version read (None: a store of the earlier format)
         "dest_uri": dest.uri(),
         "encoder_id": job.encoder_id,
         "encoder_ids": plan.encoder_ids,

@@ -23,9 +23,9 @@ from urllib.parse import unquote
 import pyarrow as pa
 
 from elite.data.objects import SCHEME, LocalStore, ObjectInfo, ObjectStore, check_key, is_uri
-from elite.data.s3 import S3Store, StorageSettings, storage_settings_from_env
 from elite.data.part_index import LocalFolder, PartStorage, is_part_name
 from elite.data.parts_store import PartStore
+from elite.data.s3 import S3Store, StorageSettings, storage_settings_from_env
 from elite.data.store import EmbeddingStore
 from elite.data.store_format import DEFAULT_ROW_GROUP_ROWS
 from elite.errors import InputError, StorageError
@@ -34,15 +34,16 @@ AnyEmbeddingStore = EmbeddingStore | PartStore  # what the jobs read; they write
 DELTA_LOG = "_delta_log"
 
 __all__ = [
+    "AnyEmbeddingStore",
     "LocalStore",
     "ObjectInfo",
     "ObjectStore",
-    "AnyEmbeddingStore",
     "ObjectStorePartStorage",
     "S3Store",
     "StorageSettings",
     "check_key",
     "embedding_store",
+    "embedding_table",
     "is_uri",
     "open_object",
     "open_store",
@@ -110,6 +111,14 @@ class ObjectStorePartStorage:
 
     def uri(self, name: str = "") -> str:
         return self.store.uri(name)
+
+
+def embedding_table(uri: str | os.PathLike[str], settings: StorageSettings | None = None) -> EmbeddingStore:
+    """The embedding table to write to (`embedding_store(uri, writable=True)`): a store of the earlier format is
+    refused with how to migrate it."""
+    store = embedding_store(uri, settings, writable=True)
+    assert isinstance(store, EmbeddingStore)  # writable=True refuses the other kind
+    return store
 
 
 def embedding_store(uri: str | os.PathLike[str], settings: StorageSettings | None = None, *,

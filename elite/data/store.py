@@ -43,9 +43,13 @@ from elite.data.store_format import (
 )
 from elite.errors import InputError, StorageError, TransientStorageError
 
-__all__ = ["COMMIT_RETRIES", "SCHEMA_VERSION", "AppendResult", "EmbeddingStore", "sql_literal"]
+__all__ = ["COMMIT_RETRIES", "COMPACT_MIN_FILES", "SCHEMA_VERSION", "AppendResult", "EmbeddingStore", "sql_literal"]
 
 VERSION_PROPERTY = SCHEMA_VERSION_KEY.decode()  # "elite.schema_version", a table property
+# the scheduled step (`compact_small_files`): files under this size count as small; compaction packs them into
+# files of deltalake's target size (100 MB), leaving files at that size alone, so it rewrites only new data
+SMALL_FILE_BYTES = 32 * 2**20
+COMPACT_MIN_FILES = 64  # default trigger: about 64 encode batches (512 concepts) appended since the last compaction
 COMMIT_RETRIES = 30  # conflicting commits redone before giving up: ~50 s of backoff in all
 # statistics in the log for these only: what other engines prune files by (the tensors' would bloat the log)
 STATS_COLUMNS = "concept_id,encoder_id,image_sha256,mask_sha256,source_uri,created_at,schema_version"
@@ -269,6 +273,21 @@ class EmbeddingStore(PartIndex):
             return table.optimize.compact(**options)
 
         return self._retrying("compacting", run)
+
+    def small_files(self, below: int = SMALL_FILE_BYTES) -> int:
+        """How many data files of the current version are smaller than `below` bytes (one per encode batch)."""
+        table = self.table()
+        if table is None:
+            return 0
+        sizes = pa.table(table.get_add_actions(flatten=True)).column("size_bytes").to_pylist()
+        return sum(1 for size in sizes if size < below)
+
+    def compact_small_files(self, min_files: int = COMPACT_MIN_FILES) -> dict[str, Any] | None:
+        """`optimize()` when at least `min_files` small files have piled up (the encode job's last step); returns
+        its metrics, or None when there was nothing worth compacting."""
+        if min_files < 1:
+            raise InputError(f"min_files must be >= 1, got {min_files}")
+        return self.optimize() if self.small_files() >= min_files else None
 
     def vacuum(self, retention_hours: float | None = None, *, dry_run: bool = False) -> list[str]:
         """Delete data files that no version younger than `retention_hours` (default: the table's, 7 days) uses,

@@ -1,6 +1,6 @@
 """The encode job: concept images on a store -> the embedding store, doing only what is not stored yet.
 
-    encode_catalog(open_store("s3://shop/catalog"), embedding_store("s3://shop/embeddings"), encoder)
+    encode_catalog(open_store("s3://shop/catalog"), embedding_table("s3://shop/embeddings"), encoder)
 
     list -> hash -> skip -> read -> encode -> append
 
@@ -8,7 +8,8 @@ Both front doors run this one job: `elite encode` runs its batches one after the
 as Prefect tasks. Concept identity (docs/inputs.md):
 - every listed concept id gets its own row, whatever other ids share its bytes: concepts whose image and mask bytes
   are equal are encoded once and stored under each id;
-- an id whose image or mask bytes changed is encoded again (the new row reads as the concept's newest);
+- an id whose image or mask bytes changed is encoded again, and its new row replaces the old one (a table version
+  keeps the old one readable);
 - an id already stored from another source (`00.jpg` of two folders encoded into one store) is a failure naming
   both, never a silent replacement, unless `replace_sources`.
 Whatever one item does (missing, unreadable, unusable), it becomes a failures-table row and the rest goes on.
@@ -22,12 +23,13 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
 from elite.data.objects import ObjectStore, is_uri
 from elite.data.sources import ConceptRef, list_concepts, read_manifest, uri_of
-from elite.data.store import EmbeddingStore
+from elite.data.store import COMPACT_MIN_FILES, EmbeddingStore
 from elite.data.store_format import EmbeddingRecord
 from elite.errors import EliteError, Failure, InputError, StorageError, TransientStorageError
 from elite.jobs.common import (
@@ -112,6 +114,7 @@ class EncodeReport:
     encoder_id: str
     failures_uri: str | None  # the failures table; None when nothing failed
     seconds: dict[str, float]
+    compacted: dict[str, Any] | None = None  # the compaction step's metrics; None when it did not run
 
 
 def list_refs(source: ObjectStore, manifest: str | None = None) -> tuple[list[ConceptRef], list[Failure]]:
@@ -212,13 +215,16 @@ def _item_failures(locations: Locations, item: EncodeItem, stage: str, err: Exce
 def encode_catalog(source: ObjectStore, embeddings: EmbeddingStore, encoder: ConceptEncoder, *,
                    manifest: str | None = None, batch_size: int = 8, reports: ObjectStore | None = None,
                    run_batches: BatchRunner[list[EncodeItem], EncodeBatchResult] | None = None,
-                   replace_sources: bool = False, progress: Callable[[int], None] | None = None) -> EncodeReport:
+                   replace_sources: bool = False, progress: Callable[[int], None] | None = None,
+                   compact_min_files: int | None = COMPACT_MIN_FILES) -> EncodeReport:
     """Encode every concept of `source` (its listing, or the `manifest` key in it) not yet in `embeddings`.
 
     `reports`: where `_runs/encode-<stamp>-failures.parquet` goes when something failed (None: nowhere).
     `run_batches`: how batches run (default: one after the other, here); a batch that ends in an exception
     (after the runner's retries) becomes failure rows for its concepts. `progress(n)`: called with the number of
-    concept ids of each finished batch.
+    concept ids of each finished batch. Last step: when at least `compact_min_files` small data files have piled
+    up (one per batch), they are compacted (`EmbeddingStore.compact_small_files`; None: never); a failed
+    compaction is logged, not a failure of the run, since every row is stored already.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -242,8 +248,15 @@ def encode_catalog(source: ObjectStore, embeddings: EmbeddingStore, encoder: Con
         if progress is not None:
             progress(sum(len(item.refs) for item in batch))
     failures_uri = None
-    if reports is not None:
-        with clock.time("io"):
+    compacted = None
+    with clock.time("io"):
+        if reports is not None:
             failures_uri = put_failures(reports, f"_runs/encode-{run_stamp()}-failures.parquet", failures)
+        if compact_min_files is not None and done:
+            try:
+                compacted = embeddings.compact_small_files(compact_min_files)
+            except StorageError as err:
+                logger.warning("compacting the embedding table failed (every row is stored; the next run or "
+                            "`elite store optimize` compacts it): %s", err)
     return EncodeReport(len(done), len(plan.ready), failures, sorted(plan.ready + done), encoder.encoder_id,
-                        failures_uri, {**clock.seconds, "wall": time.perf_counter() - started})
+                        failures_uri, {**clock.seconds, "wall": time.perf_counter() - started}, compacted)

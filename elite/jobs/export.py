@@ -30,12 +30,14 @@ def export_embeddings(store_uri: str | os.PathLike[str], dest_uri: str | os.Path
                       format: str = "parquet", *, concept_ids: Sequence[str] | None = None,
                       where: Mapping[str, Any] | None = None, encoder_id: str | None = None,
                       shard_size: int = 1000, token_template: str = DEFAULT_TOKEN_TEMPLATE,
+                      version: int | None = None,
                       run_shards: BatchRunner[Shard, list[ExportedFile]] | None = None) -> dict[str, Any]:
     """Plan (a bad format, filter or destination fails here, before any file), write every shard, then the
     manifest; returns the manifest with `manifest_uri` and the plan's shard count added. A shard that fails (after
     the runner's retries) fails the export: no manifest without every shard."""
     plan: ExportPlan = plan_export(store_uri, dest_uri, format, concept_ids=concept_ids, where=where,
-                                   encoder_id=encoder_id, shard_size=shard_size, token_template=token_template)
+                                   encoder_id=encoder_id, shard_size=shard_size, token_template=token_template,
+                                   version=version)
     runner = run_shards or run_sequentially(lambda shard: write_shard(*shard))
     files: list[ExportedFile] = []
     for result in runner([(plan.job, n, ids) for n, ids in enumerate(plan.shards)]):

@@ -39,7 +39,7 @@ import elite
 from elite.data.objects import ObjectStore
 from elite.data.prompts import PromptSpec, WorkItem, batch_work, plan_work
 from elite.data.sources import ConceptRef, check_concept_id
-from elite.data.store import EmbeddingStore
+from elite.data.storage import AnyEmbeddingStore
 from elite.errors import Failure, InputError
 from elite.fileio import sha256_bytes
 from elite.jobs.common import (
@@ -159,13 +159,13 @@ class GeneratePlan:
     unmatched_prompts: list[str]  # scoped prompts that apply to none of the concepts (a typo in an id or class?)
 
 
-def plan_generate(embeddings: EmbeddingStore, prompts: Sequence[PromptSpec], out: ObjectStore, *,
+def plan_generate(embeddings: AnyEmbeddingStore, prompts: Sequence[PromptSpec], out: ObjectStore, *,
                   concept_ids: Sequence[str] | None = None, encoder_id: str | None = None,
                   base_seed: int = 0) -> GeneratePlan:
     """Every (stored concept, prompt, image) that is not written yet. Asked concepts missing from the store are
     failures; an `encoder_id` under which nothing is stored is an InputError (it would generate nothing)."""
     info = embeddings.read_info(None, encoder_id)  # the newest row per concept, no tensors
-    if encoder_id is not None and info.num_rows == 0 and embeddings.part_names():
+    if encoder_id is not None and info.num_rows == 0 and not embeddings.is_empty():
         raise InputError(f"no concept of the embedding store at {embeddings.storage.uri()} is stored under encoder "
                          f"{encoder_id!r}")
     words = info.column("class_word").to_pylist() if "class_word" in info.column_names else [None] * info.num_rows
@@ -263,7 +263,7 @@ class GenerateBatchResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def generate_batch(embeddings: EmbeddingStore, out: ObjectStore, settings: GenerationSettings,
+def generate_batch(embeddings: AnyEmbeddingStore, out: ObjectStore, settings: GenerationSettings,
                    devices: Sequence[str], work: GenerateBatch) -> GenerateBatchResult:
     """Generate one batch on a free device slot, put its PNGs, then its manifest rows. A batch the pipeline refuses
     as a whole (one prompt too long, say) is run one item at a time, so only the bad items fail."""
@@ -326,7 +326,7 @@ class GenerateReport:
     seconds: dict[str, float]
 
 
-def generate_catalog(embeddings: EmbeddingStore, prompts: Sequence[PromptSpec], out: ObjectStore,
+def generate_catalog(embeddings: AnyEmbeddingStore, prompts: Sequence[PromptSpec], out: ObjectStore,
                      settings: GenerationSettings, *, concept_ids: Sequence[str] | None = None, batch_size: int = 4,
                      base_seed: int = 0, devices: Sequence[str] | None = None, prompt_failures: Sequence[Failure] = (),
                      run_batches: BatchRunner[GenerateBatch, GenerateBatchResult] | None = None,
