@@ -16,7 +16,8 @@ import safetensors.numpy
 
 from elite.data.export import plan_export
 from elite.data.storage import open_store
-from elite.data.store import EmbeddingRecord, EmbeddingStore, StoredArrays
+from elite.data.store import EmbeddingStore
+from elite.data.store_format import EmbeddingRecord, StoredArrays
 from elite.errors import InputError
 from elite.fileio import sha256_bytes
 from elite.jobs.export import export_embeddings

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from elite.data.sources import find_concepts
-from elite.data.store import EmbeddingRecord, EmbeddingStore
+from elite.data.store import EmbeddingStore
+from elite.data.store_format import EmbeddingRecord
 from elite.fileio import sha256_file
 from elite.model.concepts import ConceptEmbedding
 from elite.model.onnx_encoder import OnnxConceptEncoder

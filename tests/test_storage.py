@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from botocore.exceptions import EndpointConnectionError
 
+from elite.data.part_index import LocalFolder
 from elite.data.storage import (
     LocalStore,
     ObjectStore,
@@ -24,7 +25,8 @@ from elite.data.storage import (
     open_store,
     storage_settings_from_env,
 )
-from elite.data.store import EmbeddingRecord, EmbeddingStore, LocalFolder
+from elite.data.store import EmbeddingStore
+from elite.data.store_format import EmbeddingRecord
 from elite.errors import InputError, StorageError
 
 if TYPE_CHECKING:
@@ -346,9 +348,10 @@ def test_embedding_store_round_trip(store_uri: tuple[str, StorageSettings | None
     again = store.append(records)  # five already stored
     assert (first.written, again.written, again.skipped) == (5, 3, 5)
     open_store(uri, settings).put("notes/readme.txt", b"not a part")  # other objects under the root are ignored
-    fresh = embedding_store(uri, settings)  # a second process sees the same parts
-    assert first.part is not None and again.part is not None
-    assert fresh.part_names() == sorted([first.part, again.part])
+    fresh = embedding_store(uri, settings)  # a second process sees the same table
+    assert isinstance(fresh, EmbeddingStore)
+    assert (first.version, again.version, fresh.version()) == (1, 2, 2)  # version 0 created the table
+    assert len(fresh._listing()) == 2 and all(name.endswith(".parquet") for name in fresh._listing())
     arrays = fresh.read_arrays(["concept-006", "concept-001"])
     assert arrays.concept_ids == ["concept-006", "concept-001"]
     np.testing.assert_array_equal(arrays.words[0], records[6].words)
@@ -358,14 +361,16 @@ def test_embedding_store_round_trip(store_uri: tuple[str, StorageSettings | None
 
 
 def test_embedding_store_on_s3_reads_only_what_it_needs(s3_server: MotoS3) -> None:
-    objects = S3Store(s3_server.bucket, fresh_prefix(), s3_server.settings())
-    store = EmbeddingStore(ObjectStorePartStorage(objects), row_group_rows=4)
+    uri = f"s3://{s3_server.bucket}/{fresh_prefix()}"
+    store = embedding_store(uri, s3_server.settings(), row_group_rows=4)
     store.append([make_record(n, text_dim=768, grid=16) for n in range(24)])  # real size: 6 row groups, ~5 MB
-    (part,) = list(objects.list())
+    reader = embedding_store(uri, s3_server.settings())
+    assert isinstance(reader, EmbeddingStore) and isinstance(reader.storage, ObjectStorePartStorage)
+    objects = reader.storage.store
+    (part,) = [info for info in objects.list() if info.key.endswith(".parquet")]
     fetched: list[int] = []
     objects.client.meta.events.register("after-call.s3.GetObject",
                                         lambda parsed, **_: fetched.append(int(parsed["ContentLength"])))
-    reader = EmbeddingStore(ObjectStorePartStorage(objects))
     assert reader.read_arrays(["concept-013"]).concept_ids == ["concept-013"]
     assert 0 < sum(fetched) < part.size / 2  # the footer, the key columns and one row group; not the whole part
 

@@ -1,3 +1,6 @@
+"""The earlier store format (schema_version 1, `PartStore`): a folder of Parquet parts, still read by every job until
+`elite store migrate` converts it (tests/test_table.py covers the Delta table that replaced it)."""
+
 from __future__ import annotations
 
 import datetime
@@ -19,8 +22,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import elite.data.store
-from elite.data.store import SCHEMA_VERSION, EmbeddingRecord, EmbeddingStore, LocalFolder
+import elite.data.parts_store
+from elite.data.part_index import LocalFolder
+from elite.data.parts_store import PartStore
+from elite.data.store_format import PARTS_SCHEMA_VERSION, EmbeddingRecord
 from elite.errors import InputError, StorageError
 from elite.fileio import sha256_bytes, sha256_file
 from elite.model.concepts import ConceptEmbedding
@@ -48,7 +53,7 @@ def visible_parts(root: Path) -> list[str]:
 
 
 def test_round_trip_is_bit_identical(tmp_path: Path) -> None:
-    store = EmbeddingStore(tmp_path, row_group_rows=3)
+    store = PartStore(tmp_path, row_group_rows=3)
     real_size = make_record(99, text_dim=768, grid=16, class_word="dog", sku="SKU-99")  # (256, 768) tokens
     records = [make_record(n, masked=n % 2 == 0, class_word="cat", sku=f"SKU-{n}", price=n + 0.5)
                for n in range(7)]
@@ -85,7 +90,7 @@ def test_embeddings_round_trip_through_concept_embedding(tmp_path: Path) -> None
     embedding = ConceptEmbedding("mug", torch.randn(5, 768), torch.randn(256, 768) * mask.reshape(-1, 1), mask)
     record = EmbeddingRecord.from_embedding(embedding, source_uri="s3://bucket/mug.jpg", image_sha256="a" * 64,
                                             mask_sha256=None, encoder_id="enc", metadata={"class_word": "mug"})
-    store = EmbeddingStore(tmp_path)
+    store = PartStore(tmp_path)
     store.append([record])
     [back] = store.read_embeddings(["mug"])
     assert back.concept_id == "mug"
@@ -96,11 +101,11 @@ def test_embeddings_round_trip_through_concept_embedding(tmp_path: Path) -> None
 
 
 def test_duplicates_are_skipped(tmp_path: Path) -> None:
-    store = EmbeddingStore(tmp_path)
+    store = PartStore(tmp_path)
     first = store.append([make_record(1), make_record(2), make_record(1)])  # repeated within the call
     assert (first.written, first.skipped) == (2, 1) and first.part in visible_parts(tmp_path)
     # another store on the same folder (another process, say) sees the stored keys
-    other = EmbeddingStore(tmp_path)
+    other = PartStore(tmp_path)
     again = other.append([make_record(2), make_record(1)])
     assert (again.written, again.skipped, again.part) == (0, 2, None)
     assert len(visible_parts(tmp_path)) == 1
@@ -119,7 +124,8 @@ def test_duplicates_are_skipped(tmp_path: Path) -> None:
 KILLED_WRITER = r"""
 import sys
 import numpy as np
-from elite.data.store import EmbeddingRecord, EmbeddingStore
+from elite.data.parts_store import PartStore
+from elite.data.store_format import EmbeddingRecord
 from elite.fileio import sha256_bytes
 
 rows = int(sys.argv[2])
@@ -129,12 +135,12 @@ local_tokens = rng.integers(0, 0x7C00, size=(rows, 256, 768), dtype=np.uint16).v
 records = [EmbeddingRecord(f"big-{i}", "file:///big.jpg", sha256_bytes(b"big %d" % i), None, "enc-a",
                            np.zeros((5, 768), np.float32), local_tokens[i], np.ones((16, 16)))
            for i in range(rows)]
-EmbeddingStore(sys.argv[1], row_group_rows=4).append(records)
+PartStore(sys.argv[1], row_group_rows=4).append(records)
 """
 
 
 def test_writer_killed_mid_write_leaves_a_readable_store(tmp_path: Path) -> None:
-    store = EmbeddingStore(tmp_path)
+    store = PartStore(tmp_path)
     store.append([make_record(1), make_record(2)])
     before = visible_parts(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -158,7 +164,7 @@ def test_writer_killed_mid_write_leaves_a_readable_store(tmp_path: Path) -> None
     temp_files = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert len(temp_files) == 1 and temp_files[0].name.endswith(".tmp")  # the half-written part, hidden
     assert visible_parts(tmp_path) == before  # no partial part visible
-    fresh = EmbeddingStore(tmp_path)
+    fresh = PartStore(tmp_path)
     assert fresh.concept_ids() == ["concept-001", "concept-002"]
     assert fresh.read_arrays(["concept-002"]).words[0].tobytes() == make_record(2).words.tobytes()
     count = duckdb.sql(f"SELECT count(*) FROM read_parquet('{tmp_path}/*.parquet')").fetchall()
@@ -167,7 +173,7 @@ def test_writer_killed_mid_write_leaves_a_readable_store(tmp_path: Path) -> None
 
 
 def test_duckdb_reads_the_parts(tmp_path: Path) -> None:
-    store = EmbeddingStore(tmp_path, row_group_rows=2)
+    store = PartStore(tmp_path, row_group_rows=2)
     cats = [make_record(n, class_word="cat", sku=f"SKU-{n}") for n in range(5)]
     store.append(cats)
     store.append([make_record(10, text_dim=768, grid=16, class_word="dog")])  # no sku column in this part
@@ -176,9 +182,10 @@ def test_duckdb_reads_the_parts(tmp_path: Path) -> None:
         SELECT concept_id, len(words), len(words[1]), octet_length(local_tokens), len(mask_grid),
                class_word, sku, schema_version, mask_sha256 IS NULL
         FROM read_parquet('{tmp_path}/*.parquet', union_by_name = true) ORDER BY concept_id""").fetchall()
-    assert rows == [*[(f"concept-{n:03d}", 5, 32, 16 * 32 * 2, 4, "cat", f"SKU-{n}", SCHEMA_VERSION, False)
+    version = PARTS_SCHEMA_VERSION
+    assert rows == [*[(f"concept-{n:03d}", 5, 32, 16 * 32 * 2, 4, "cat", f"SKU-{n}", version, False)
                       for n in range(5)],
-                    ("concept-010", 5, 768, 256 * 768 * 2, 16, "dog", None, SCHEMA_VERSION, False)]
+                    ("concept-010", 5, 768, 256 * 768 * 2, 16, "dog", None, version, False)]
     primary, blob = duckdb.sql(f"""SELECT words[1], local_tokens FROM read_parquet('{tmp_path}/*.parquet',
         union_by_name = true) WHERE concept_id = 'concept-003'""").fetchall()[0]
     assert np.array(primary, np.float32).tobytes() == cats[3].words[0].tobytes()
@@ -186,29 +193,31 @@ def test_duckdb_reads_the_parts(tmp_path: Path) -> None:
 
 
 def test_schema_version_mismatch_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    EmbeddingStore(tmp_path).append([make_record(1)])
-    monkeypatch.setattr(elite.data.store, "SCHEMA_VERSION", SCHEMA_VERSION + 1)  # a part from a future release
-    future = EmbeddingStore(tmp_path / "future").append([make_record(2)]).part
+    PartStore(tmp_path).append([make_record(1)])
+    # a part from a future release
+    monkeypatch.setattr(elite.data.parts_store, "PARTS_SCHEMA_VERSION", PARTS_SCHEMA_VERSION + 1)
+    future = PartStore(tmp_path / "future").append([make_record(2)]).part
     assert future is not None
     monkeypatch.undo()
     os.replace(tmp_path / "future" / future, tmp_path / future)
     for call in (lambda s: s.read_arrays(["concept-001"]), lambda s: s.append([make_record(3)]),
                  lambda s: s.concept_ids()):
         with pytest.raises(StorageError) as err:
-            call(EmbeddingStore(tmp_path))
+            call(PartStore(tmp_path))
         message = str(err.value)
         assert future in message
-        assert f"schema_version {SCHEMA_VERSION + 1}" in message and f"schema_version {SCHEMA_VERSION}" in message
+        assert f"schema_version {PARTS_SCHEMA_VERSION + 1}" in message
+        assert f"schema_version {PARTS_SCHEMA_VERSION}" in message
 
 
 def test_unreadable_part_is_named(tmp_path: Path) -> None:
-    store = EmbeddingStore(tmp_path)
+    store = PartStore(tmp_path)
     part = store.append([make_record(1)]).part
     assert part is not None
     data = (tmp_path / part).read_bytes()
     (tmp_path / "part-truncated.parquet").write_bytes(data[: len(data) // 2])
     with pytest.raises(StorageError, match=r"part-truncated\.parquet: unreadable embedding store part"):
-        EmbeddingStore(tmp_path).read_arrays(["concept-001"])
+        PartStore(tmp_path).read_arrays(["concept-001"])
     (tmp_path / "part-truncated.parquet").unlink()
     pq.write_table(pa.table({"x": [1]}), tmp_path / "part-foreign.parquet")
     with pytest.raises(StorageError, match=r"part-foreign\.parquet: not an ELITE embedding store part"):
@@ -216,20 +225,20 @@ def test_unreadable_part_is_named(tmp_path: Path) -> None:
 
 
 def test_missing_concept_id_is_named(tmp_path: Path) -> None:
-    store = EmbeddingStore(tmp_path)
+    store = PartStore(tmp_path)
     store.append([make_record(1)])
     with pytest.raises(InputError, match=r"concept id 'nope' is not in the embedding store at .*\(1 more missing\)"):
         store.read_arrays(["concept-001", "nope", "nada"])
     with pytest.raises(InputError, match=r"concept id 'concept-001' .* under encoder 'enc-z'"):
         store.read_arrays(["concept-001"], encoder_id="enc-z")
-    empty = EmbeddingStore(tmp_path / "never-written")
+    empty = PartStore(tmp_path / "never-written")
     assert empty.concept_ids() == [] and len(empty.read_arrays()) == 0
     with pytest.raises(InputError, match="'concept-001'"):
         empty.read_embeddings(["concept-001"])
 
 
 def test_metadata_columns_may_differ_between_parts(tmp_path: Path) -> None:
-    store = EmbeddingStore(tmp_path)
+    store = PartStore(tmp_path)
     store.append([make_record(1, class_word="cat", sku=17), make_record(2, class_word=None)])
     store.append([make_record(3, color="red", sku=18, on_sale=True)])
     arrays = store.read_arrays()
@@ -260,7 +269,7 @@ def test_selective_read_touches_only_the_needed_row_groups(tmp_path: Path) -> No
             return pa.PythonFile(Counting(str(self.root / name)), mode="r")
 
     folder = CountingFolder(tmp_path)
-    store = EmbeddingStore(folder, row_group_rows=4)
+    store = PartStore(folder, row_group_rows=4)
     records = [make_record(n, text_dim=768, grid=16, seed=n, masked=False) for n in range(48)]  # 12 row groups
     store.append(records)
     part_size = sum(p.stat().st_size for p in tmp_path.glob("*.parquet"))
@@ -276,7 +285,7 @@ def test_concurrent_writers_do_not_clobber_each_other(tmp_path: Path) -> None:
     results = []
 
     def writer(first: int) -> None:
-        store = EmbeddingStore(tmp_path)  # one store per writer, as in two processes
+        store = PartStore(tmp_path)  # one store per writer, as in two processes
         records = [make_record(n) for n in range(first, first + 20)]
         barrier.wait()
         results.append(store.append(records))
@@ -288,11 +297,11 @@ def test_concurrent_writers_do_not_clobber_each_other(tmp_path: Path) -> None:
         thread.join()
     assert sorted(r.written for r in results) == [20, 20]
     assert sorted(r.part for r in results if r.part) == visible_parts(tmp_path)
-    assert len(EmbeddingStore(tmp_path).read_arrays()) == 40
+    assert len(PartStore(tmp_path).read_arrays()) == 40
 
 
 def test_read_info_gives_the_rows_without_tensors(tmp_path: Path) -> None:
-    store = EmbeddingStore(tmp_path, row_group_rows=2)
+    store = PartStore(tmp_path, row_group_rows=2)
     store.append([make_record(1, class_word="cat", sku=17), make_record(2, class_word=None)])
     store.append([make_record(3, color="red", sku=18)])
     changed = make_record(1, seed=99, class_word="dog")  # concept-001 again, from other image bytes: newest wins
@@ -310,11 +319,11 @@ def test_read_info_gives_the_rows_without_tensors(tmp_path: Path) -> None:
     assert store.read_info([]).num_rows == 0
     with pytest.raises(InputError, match="'concept-404' is not in the embedding store"):
         store.read_info(["concept-404"])
-    assert EmbeddingStore(tmp_path / "empty").read_info().num_rows == 0
+    assert PartStore(tmp_path / "empty").read_info().num_rows == 0
 
 
 def test_newest_row_wins_and_mixed_encoders_need_an_encoder_id(tmp_path: Path) -> None:
-    store = EmbeddingStore(tmp_path)
+    store = PartStore(tmp_path)
     old = make_record(1)
     store.append([old])
     # the same concept id re-encoded from a changed image: a new key, so a new row
