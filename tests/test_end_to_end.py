@@ -156,15 +156,19 @@ def test_help_is_there_with_a_line_and_a_default_for_every_option(capsys: pytest
     parser = build_parser(["a photo of a S"])
     [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     assert set(sub.choices) == {"personalize", "encode", "generate", "export", "export-onnx", "convert-checkpoint",
-                                "make-tiny-models"}
-    for name, command in sub.choices.items():
+                                "make-tiny-models", "store"}
+    [store] = [a for a in sub.choices["store"]._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(store.choices) == {"history", "optimize", "vacuum", "migrate"}
+    commands = [([name], command) for name, command in sub.choices.items() if name != "store"]
+    commands += [(["store", name], command) for name, command in store.choices.items()]
+    for words, command in commands:
         for action in command._actions:
-            assert action.help, f"elite {name} {action.option_strings or action.dest}: no help text"
+            assert action.help, f"elite {' '.join(words)} {action.option_strings or action.dest}: no help text"
         with pytest.raises(SystemExit) as info:
-            main([name, "--help"])
+            main([*words, "--help"])
         assert info.value.code == 0
         text = capsys.readouterr().out
-        assert "usage: elite" in text and ("(default:" in text or name == "convert-checkpoint")
+        assert "usage: elite" in text and ("(default:" in text or words[-1] in ("convert-checkpoint", "migrate"))
 
 
 def test_concept_ids_that_cannot_name_a_folder_are_failures(tiny_models: TinyModels, tmp_path: Path,

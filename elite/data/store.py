@@ -228,9 +228,13 @@ class EmbeddingStore(PartIndex):
         return table
 
     def _write_schema(self, records: Sequence[EmbeddingRecord], stored: pa.Schema) -> pa.Schema:
-        """The core columns plus the records' metadata columns, typed as the table already types them."""
+        """The core columns, every metadata column the table has (a replaced row gets null where its new record
+        has no value: the row is replaced whole), then the records' new metadata columns, typed as the table
+        already types them."""
+        keys = [name for name in stored.names if name not in CORE_SCHEMA.names]
+        keys += sorted({key for record in records for key in record.metadata} - set(keys))
         fields = []
-        for key in sorted({key for record in records for key in record.metadata}):
+        for key in keys:
             index = stored.get_field_index(key)
             type_ = None if index < 0 else stored.field(index).type
             values = [record.metadata.get(key) for record in records]
