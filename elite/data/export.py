@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import safetensors.numpy
 
-from elite.data.storage import AnyEmbeddingStore, check_key, embedding_store, open_store
 from elite.data.part_index import embeddings_from_arrays
+from elite.data.storage import AnyEmbeddingStore, check_key, embedding_store, open_store
 from elite.data.store import EmbeddingStore
 from elite.data.store_format import CORE_COLUMNS, TENSOR_COLUMNS, MetadataValue, StoredArrays
 from elite.errors import InputError, StorageError
