@@ -13,7 +13,7 @@ import os
 import sys
 
 from elite.data.prompts import load_prompts
-from elite.data.storage import open_store
+from elite.data.storage import embedding_table, open_store
 from elite.errors import EliteError, Failure, InputError
 from elite.jobs.common import check_output, check_readable
 from elite.jobs.models import GENERATOR_NEEDS, encoder_needs
@@ -37,6 +37,8 @@ def check_inputs(args: argparse.Namespace) -> None:
         if where is not None:
             check_output(open_store(where))  # a valid location; an S3 one must answer (bucket, credentials, endpoint)
     check_sampler(args.steps or 1, args.guidance_scale, args.lambda_local, args.height or 8, args.width or 8)
+    # a store of the earlier format is refused here, with how to migrate it
+    embedding_table(args.store or open_store(args.out).uri("embeddings"))
 
 
 class _NoTraceback(logging.Formatter):

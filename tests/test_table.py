@@ -163,7 +163,8 @@ def test_optimize_compacts_and_reads_stay_the_same(tmp_path: Path) -> None:
         EmbeddingStore(root, version=8).read_arrays(["concept-005"])  # its files are gone now
 
 
-def test_a_store_of_the_earlier_format_is_read_and_never_written(tmp_path: Path) -> None:
+def test_a_store_of_the_earlier_format_is_read_and_never_written(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     old = tmp_path / "old"
     PartStore(old).append([make_record(1), make_record(2)])
     store = embedding_store(old)
@@ -171,6 +172,17 @@ def test_a_store_of_the_earlier_format_is_read_and_never_written(tmp_path: Path)
     with pytest.raises(StorageError, match="elite store migrate"):
         embedding_table(old)
     assert isinstance(embedding_store(tmp_path / "nothing-yet"), EmbeddingStore)
+    concepts = tmp_path / "concepts"
+    concepts.mkdir()
+    (concepts / "a.png").write_bytes(b"not read: the store is refused first")
+    before = sorted(p.name for p in old.iterdir())
+    for command in (["encode", str(concepts), "--store", str(old)],
+                    ["personalize", "--concepts", str(concepts), "--out", str(tmp_path / "out"), "--store", str(old),
+                     "--tiny"]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert "earlier part format" in err and f"elite store migrate {old} NEW" in err, err
+    assert sorted(p.name for p in old.iterdir()) == before  # nothing written to it
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
