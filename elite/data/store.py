@@ -19,6 +19,7 @@ Layout, schema and the reasons for them: docs/embedding-store.md. In short:
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import random
 import time
@@ -215,10 +216,13 @@ class EmbeddingStore(PartIndex):
     def _create(self) -> DeltaTable:
         configuration = {VERSION_PROPERTY: str(SCHEMA_VERSION), "delta.dataSkippingStatsColumns": STATS_COLUMNS}
         try:
+            # no commit retries: a create that lost the race for version 0 would otherwise commit its table
+            # metadata again as the next version, over whatever the winner committed since
             DeltaTable.create(self.table_uri, CORE_SCHEMA, mode="ignore", name="elite-embeddings",
                               description=f"ELITE concept embeddings, schema_version {SCHEMA_VERSION}",
                               configuration=configuration, storage_options=self.storage_options or None,
-                              raise_if_key_not_exists=False)
+                              raise_if_key_not_exists=False,
+                              commit_properties=CommitProperties(max_commit_retries=0))
         except (DeltaError, OSError) as err:
             if self.table() is None:  # another writer creating it at the same moment is fine
                 raise self._error("creating", err) from err
@@ -297,14 +301,17 @@ class EmbeddingStore(PartIndex):
         """Delete data files that no version younger than `retention_hours` (default: the table's, 7 days) uses,
         and files the log never referenced (a killed writer's). Returns the files (to be) deleted. Versions older
         than the retention can no longer be read afterwards."""
+        if self.pinned_version is not None:  # to an old version, the newer versions' files are unreferenced
+            raise InputError(f"{self.uri()}: opened at version {self.pinned_version}, read-only")
         table = self.table()
         if table is None:
             return []
         if retention_hours is not None and retention_hours < 0:
             raise InputError(f"retention_hours must be >= 0, got {retention_hours}")
-        hours = None if retention_hours is None else int(retention_hours)
+        hours = None if retention_hours is None else math.ceil(retention_hours)  # never keep less than asked
+        # full: also the files no commit ever referenced (deltalake's default looks only at removed files)
         return self._retrying("vacuuming", lambda: table.vacuum(hours, dry_run=dry_run,
-                                                                  enforce_retention_duration=False))
+                                                                  enforce_retention_duration=False, full=True))
 
     # ---- errors ----------------------------------------------------------------------------
 
