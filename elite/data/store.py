@@ -22,6 +22,7 @@ import datetime
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -57,6 +58,7 @@ STATS_COLUMNS = "concept_id,encoder_id,image_sha256,mask_sha256,source_uri,creat
 # Delta reader features whose files cannot be read as plain Parquet (rows deleted in a side file, renamed columns)
 UNSUPPORTED_READER_FEATURES = ("deletionVectors", "columnMapping")
 _TRANSIENT = ("timed out", "timeout", "connection", "503", "slow down", "slowdown", "throttl", "500 internal")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 T = TypeVar("T")
 
 
@@ -338,6 +340,6 @@ class EmbeddingStore(PartIndex):
             raise self._error(doing, err) from err
 
     def _error(self, doing: str, err: Exception) -> StorageError:
-        text = str(err)
+        text = _ANSI.sub("", str(err)).strip()  # delta-rs colours parts of its messages for a terminal
         kind = TransientStorageError if any(word in text.lower() for word in _TRANSIENT) else StorageError
         return kind(f"{self.uri()}: {doing} the embedding table failed: {text}")
