@@ -92,10 +92,11 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     p = sub.add_parser("encode", formatter_class=Formatter, help="encode concept images into the embedding store",
                        description="Encode every concept of a folder or S3 prefix (N.jpg with an optional mask "
                                    "N_bg.png, non-zero = object), or of a manifest, into five words and 256 local "
-                                   "tokens each, appended to the embedding store. Concepts stored already with "
-                                   "the same image and mask bytes are skipped; the same job as the encode flow.")
+                                   "tokens each, merged into the embedding table (one row per concept). Concepts "
+                                   "stored already with the same image and mask bytes are skipped; the same job as the "
+                                   "encode flow.")
     p.add_argument("concepts", help="folder or s3:// prefix of concept images")
-    p.add_argument("--store", required=True, help="embedding store folder or s3:// prefix to append to")
+    p.add_argument("--store", required=True, help="embedding table folder or s3:// prefix to write to")
     _catalog(p, "CONCEPTS")
     p.add_argument("--batch-size", type=positive, default=8, help="concepts per encoder call")
     _compaction(p)
