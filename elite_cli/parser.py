@@ -189,7 +189,8 @@ def _store_commands(sub: Any) -> None:
                                      "concept_id (reads of a few ids touch fewer files). Old versions stay "
                                      "readable until vacuum.")
     q.add_argument("store", help="embedding table folder or s3:// prefix")
-    q.add_argument("--z-order", action="store_true", help="order all rows by concept_id (rewrites everything)")
+    q.add_argument("--z-order", action="store_true", help="order all rows by concept_id: rewrites everything and "
+                   "holds the table in memory (~0.9 GB per 1,000 real-size concepts)")
     q.add_argument("--target-size", type=positive, help="target file size in bytes (default: deltalake's, 100 MB)")
     q = store.add_parser("vacuum", formatter_class=Formatter, help="delete files no recent version needs",
                          description="Delete data files that no version younger than --retention-hours uses, and "

@@ -241,3 +241,23 @@ def test_store_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "no embedding table here" in capsys.readouterr().err
     assert main(["export", str(new), str(tmp_path / "export"), "--version", "2"]) == 0
     assert "exported 4 concepts (table version 2)" in capsys.readouterr().out
+
+
+def test_the_encode_job_compacts_as_small_files_pile_up(tiny_models: Any, concepts_dir: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    store = tmp_path / "store"
+    models = ["--pretrained-model", str(tiny_models.pretrained_model), "--global-mapper",
+              str(tiny_models.global_mapper), "--local-mapper", str(tiny_models.local_mapper), "--vision-model",
+              str(tiny_models.vision_model), "--device", "cpu"]
+    assert main(["encode", str(concepts_dir), "--store", str(store), "--batch-size", "1",
+                 "--compact-min-files", "4", *models]) == 0
+    assert "compacted" in capsys.readouterr().out
+    table = EmbeddingStore(store)
+    operations = [commit["operation"] for commit in reversed(table.history())]
+    assert operations.count("MERGE") == 11 and operations.count("OPTIMIZE") >= 2  # during the run, not only after
+    assert operations.index("OPTIMIZE") < operations.index("MERGE") + 5  # the first after 4 batches
+    assert len(table._listing()) < 4 and len(table.read_arrays()) == 11
+    again = tmp_path / "store-never"
+    assert main(["encode", str(concepts_dir), "--store", str(again), "--batch-size", "4", "--compact-min-files", "0",
+                 *models]) == 0
+    assert "OPTIMIZE" not in [commit["operation"] for commit in EmbeddingStore(again).history()]

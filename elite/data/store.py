@@ -99,6 +99,7 @@ class EmbeddingStore(PartIndex):
         self.commit_retries = commit_retries
         self._table: DeltaTable | None = None
         self._checked: tuple[int, int] | None = None  # (version, id of the metadata) last checked
+        self._files: tuple[int, list[str]] | None = None  # (version, its data files)
 
     def uri(self) -> str:
         return self.storage.uri()
@@ -159,8 +160,12 @@ class EmbeddingStore(PartIndex):
         table = self.table()
         if table is None:
             return []
-        actions = pa.table(table.get_add_actions(flatten=True))
-        return sorted(unquote(path) for path in actions.column("path").to_pylist())  # relative, URL-encoded
+        version = table.version()
+        if self._files is None or self._files[0] != version:  # a version's files never change: list them once
+            actions = pa.table(table.get_add_actions(flatten=True))
+            paths = sorted(unquote(path) for path in actions.column("path").to_pylist())  # relative, URL-encoded
+            self._files = (version, paths)
+        return self._files[1]
 
     def _check_file(self, schema: pa.Schema, uri: str) -> None:
         check_core_columns(schema, CORE_SCHEMA, uri)

@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from PIL import Image
 
@@ -114,7 +113,7 @@ class EncodeReport:
     encoder_id: str
     failures_uri: str | None  # the failures table; None when nothing failed
     seconds: dict[str, float]
-    compacted: dict[str, Any] | None = None  # the compaction step's metrics; None when it did not run
+    compacted: dict[str, int] | None = None  # files the compaction steps removed and added; None: none ran
 
 
 def list_refs(source: ObjectStore, manifest: str | None = None) -> tuple[list[ConceptRef], list[Failure]]:
@@ -222,9 +221,9 @@ def encode_catalog(source: ObjectStore, embeddings: EmbeddingStore, encoder: Con
     `reports`: where `_runs/encode-<stamp>-failures.parquet` goes when something failed (None: nowhere).
     `run_batches`: how batches run (default: one after the other, here); a batch that ends in an exception
     (after the runner's retries) becomes failure rows for its concepts. `progress(n)`: called with the number of
-    concept ids of each finished batch. Last step: when at least `compact_min_files` small data files have piled
-    up (one per batch), they are compacted (`EmbeddingStore.compact_small_files`; None: never); a failed
-    compaction is logged, not a failure of the run, since every row is stored already.
+    concept ids of each finished batch. Every `compact_min_files` batches and at the end, once at least that many
+    small data files (one per batch) have piled up, they are compacted (`EmbeddingStore.compact_small_files`;
+    None: never); a failed compaction is logged, not a failure of the run, since every row is stored already.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -238,7 +237,8 @@ def encode_catalog(source: ObjectStore, embeddings: EmbeddingStore, encoder: Con
     batches = [plan.items[i:i + batch_size] for i in range(0, len(plan.items), batch_size)]
     runner = run_batches or run_sequentially(lambda b: encode_batch(locations, embeddings, encoder, b))
     done: list[str] = []
-    for batch, result in zip(batches, runner(batches), strict=True):
+    compacted: dict[str, int] = {}
+    for n, (batch, result) in enumerate(zip(batches, runner(batches), strict=True), 1):
         if isinstance(result, Exception):  # failed after its retries: its concepts are failures, not lost
             failures += [f for item in batch for f in _item_failures(locations, item, "encode", result)]
         else:
@@ -247,16 +247,25 @@ def encode_catalog(source: ObjectStore, embeddings: EmbeddingStore, encoder: Con
             clock.add(result.seconds)
         if progress is not None:
             progress(sum(len(item.refs) for item in batch))
+        if compact_min_files is not None and (n % compact_min_files == 0 or n == len(batches)):
+            with clock.time("io"):  # during the run too: a MERGE slows down with every small file in the table
+                _compact(embeddings, compact_min_files, compacted)
     failures_uri = None
-    compacted = None
-    with clock.time("io"):
-        if reports is not None:
+    if reports is not None:
+        with clock.time("io"):
             failures_uri = put_failures(reports, f"_runs/encode-{run_stamp()}-failures.parquet", failures)
-        if compact_min_files is not None and done:
-            try:
-                compacted = embeddings.compact_small_files(compact_min_files)
-            except StorageError as err:
-                logger.warning("compacting the embedding table failed (every row is stored; the next run or "
-                            "`elite store optimize` compacts it): %s", err)
     return EncodeReport(len(done), len(plan.ready), failures, sorted(plan.ready + done), encoder.encoder_id,
-                        failures_uri, {**clock.seconds, "wall": time.perf_counter() - started}, compacted)
+                        failures_uri, {**clock.seconds, "wall": time.perf_counter() - started}, compacted or None)
+
+
+def _compact(embeddings: EmbeddingStore, min_files: int, totals: dict[str, int]) -> None:
+    """The compaction step: once `min_files` small files piled up, compact them; counts add up in `totals`. A
+    failure is logged, not a failure of the run: every row is stored already."""
+    try:
+        metrics = embeddings.compact_small_files(min_files)
+    except StorageError as err:
+        logger.warning("compacting the embedding table failed (every row is stored; a later batch, the next run "
+                       "or `elite store optimize` compacts it): %s", err)
+        return
+    for key in ("numFilesAdded", "numFilesRemoved"):
+        totals[key] = totals.get(key, 0) + int((metrics or {}).get(key, 0))
