@@ -10,8 +10,7 @@ Output (stdout, one flushed line each): `ready` once imported and the table open
 wall-clock times, one per new table `LOCATION-race-N` to create at that moment with one record of this writer),
 `start I` before appending batch I and `done I VERSION MERGES SECONDS` after it (VERSION the version
 committed or `-`, MERGES the merge attempts so far: more than the batches means conflicts redone, SECONDS the
-append's); `finished` at the end. Mode `try-append` appends one record to each location and prints one JSON line per
-location: {"location", "ok", "error", "message"}.
+append's); `finished` at the end.
 """
 
 from __future__ import annotations
@@ -85,7 +84,7 @@ def apply(plan: list[Batch]) -> dict[str, str]:
 def _open(location: str, spec: dict[str, Any]) -> Any:
     """The table as the jobs open it (`embedding_table`); a local one in kill and concurrent mode directly, which
     spares every writer process the import of boto3."""
-    if not spec.get("endpoint") and spec["mode"] != "try-append":
+    if not spec.get("endpoint"):
         from elite.data.store import EmbeddingStore
 
         return EmbeddingStore(location)
@@ -105,15 +104,6 @@ def _say(line: str) -> None:
 
 
 def main(spec: dict[str, Any]) -> int:
-    if spec["mode"] == "try-append":
-        for location in spec["locations"]:
-            try:
-                _open(location, spec).append([record("c-new", image_sha256("c-new", 0))])
-                _say(json.dumps({"location": location, "ok": True, "error": None, "message": ""}))
-            except Exception as err:  # reported to the test, which checks the type and message
-                _say(json.dumps({"location": location, "ok": False, "error": type(err).__name__,
-                                 "message": str(err)}))
-        return 0
     if spec["mode"] == "kill":
         plan = kill_plan(spec["seed"], spec["batches"])
     else:
