@@ -76,12 +76,11 @@ def cmd_encode(args: argparse.Namespace) -> int:
     check_readable(source, "concepts")  # before the models load: a mistyped folder fails in a second
     reports = open_store(args.store)  # the store's folder: the failures table goes under its _runs/
     check_output(reports)
-    embedding_table(args.store)  # a store of the earlier format is refused (with how to migrate) before models load
+    embeddings = embedding_table(args.store)  # the earlier format is refused (with how to migrate) before models load
     models = models_of(args, encoder_needs(args.engine))
     args.quiet()
     from elite.jobs.encode import EncoderSettings, cached_encoder, encode_catalog  # the model side: when needed
 
-    embeddings = embedding_table(args.store)
     encoder = cached_encoder(EncoderSettings(args.engine, models["onnx_path"], models["vision_model"],
                                              models["global_mapper"], models["local_mapper"],
                                              models["pretrained_model"], args.encode_device, args.dtype))

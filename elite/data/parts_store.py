@@ -53,8 +53,6 @@ __all__ = ["AppendResult", "PartStore", "is_part_name"]
 class PartStore(PartIndex):
     """A store of the earlier format: read it, or append to it (tests and tools that make one); the jobs read it."""
 
-    format_version = PARTS_SCHEMA_VERSION
-
     def __init__(self, root: str | os.PathLike[str] | PartStorage, *,
                  row_group_rows: int = DEFAULT_ROW_GROUP_ROWS) -> None:
         super().__init__(LocalFolder(root) if isinstance(root, str | os.PathLike) else root)

@@ -73,11 +73,9 @@ class EmbeddingStore(PartIndex):
 
     `location` is a folder or an s3://bucket/prefix URI; for S3 give `storage` (how data files are read, e.g.
     `elite.data.storage.ObjectStorePartStorage`) and `storage_options` (deltalake's, from
-    `elite.data.s3.delta_storage_options`) - `elite.data.storage.embedding_store(uri)` does both. `version`
+    `elite.data.s3.S3Store.delta_storage_options`) - `elite.data.storage.embedding_store(uri)` does both. `version`
     opens the table as it was at that version, read-only.
     """
-
-    format_version = SCHEMA_VERSION
 
     def __init__(self, location: str | os.PathLike[str], *, storage: PartStorage | None = None,
                  storage_options: dict[str, str] | None = None, version: int | None = None,
@@ -99,10 +97,7 @@ class EmbeddingStore(PartIndex):
         self.commit_retries = commit_retries
         self._table: DeltaTable | None = None
         self._checked: tuple[int, int] | None = None  # (version, id of the metadata) last checked
-        self._files: tuple[int, list[str]] | None = None  # (version, its data files)
-
-    def uri(self) -> str:
-        return self.storage.uri()
+        self._files_of: tuple[int, list[tuple[str, int]]] | None = None  # (version, its data files and sizes)
 
     # ---- the table ---------------------------------------------------------------------------
 
@@ -156,19 +151,28 @@ class EmbeddingStore(PartIndex):
     def _schema(self, table: DeltaTable) -> pa.Schema:
         return pa.schema(table.schema().to_arrow())
 
-    def _listing(self) -> list[str]:
+    def _files(self) -> list[tuple[str, int]]:
+        """(path relative to the table, size in bytes) of each data file of the current version, sorted by path;
+        listed once per version (a version's files never change)."""
         table = self.table()
         if table is None:
             return []
         version = table.version()
-        if self._files is None or self._files[0] != version:  # a version's files never change: list them once
+        if self._files_of is None or self._files_of[0] != version:
             actions = pa.table(table.get_add_actions(flatten=True))
-            paths = sorted(unquote(path) for path in actions.column("path").to_pylist())  # relative, URL-encoded
-            self._files = (version, paths)
-        return self._files[1]
+            paths = [unquote(path) for path in actions.column("path").to_pylist()]  # relative, URL-encoded
+            self._files_of = (version, sorted(zip(paths, actions.column("size_bytes").to_pylist(), strict=True)))
+        return self._files_of[1]
+
+    def _listing(self) -> list[str]:
+        return [path for path, _ in self._files()]
 
     def _check_file(self, schema: pa.Schema, uri: str) -> None:
         check_core_columns(schema, CORE_SCHEMA, uri)
+
+    def _check_writable(self) -> None:
+        if self.pinned_version is not None:
+            raise InputError(f"{self.uri()}: opened at version {self.pinned_version}, read-only")
 
     # ---- writing ---------------------------------------------------------------------------
 
@@ -178,8 +182,7 @@ class EmbeddingStore(PartIndex):
         stored with another image, mask or source replaces its row, one stored unchanged is skipped (counted in
         `skipped`, as is an id repeated in the call: its last record is kept). `created_at` (one per record, for
         migrations) keeps given times; by default every row gets the time of the call."""
-        if self.pinned_version is not None:
-            raise InputError(f"{self.uri()}: opened at version {self.pinned_version}, read-only")
+        self._check_writable()
         latest: dict[tuple[str, str], tuple[EmbeddingRecord, datetime.datetime | None]] = {}
         times = list(created_at) if created_at is not None else [None] * len(records)
         if len(times) != len(records):
@@ -274,8 +277,7 @@ class EmbeddingStore(PartIndex):
     def optimize(self, *, z_order: bool = False, target_size: int | None = None) -> dict[str, Any]:
         """Rewrite small data files into few large ones (ordered by concept_id with `z_order`), in one commit;
         readers of older versions are unaffected until `vacuum`. Returns deltalake's metrics."""
-        if self.pinned_version is not None:
-            raise InputError(f"{self.uri()}: opened at version {self.pinned_version}, read-only")
+        self._check_writable()
 
         def run() -> dict[str, Any]:
             table = self.table()
@@ -291,15 +293,11 @@ class EmbeddingStore(PartIndex):
 
     def small_files(self, below: int = SMALL_FILE_BYTES) -> int:
         """How many data files of the current version are smaller than `below` bytes (one per encode batch)."""
-        table = self.table()
-        if table is None:
-            return 0
-        sizes = pa.table(table.get_add_actions(flatten=True)).column("size_bytes").to_pylist()
-        return sum(1 for size in sizes if size < below)
+        return sum(1 for _, size in self._files() if size < below)
 
     def compact_small_files(self, min_files: int = COMPACT_MIN_FILES) -> dict[str, Any] | None:
-        """`optimize()` when at least `min_files` small files have piled up (the encode job's last step); returns
-        its metrics, or None when there was nothing worth compacting."""
+        """`optimize()` when at least `min_files` small files have piled up (the encode job's compaction step);
+        returns its metrics, or None when there was nothing worth compacting."""
         if min_files < 1:
             raise InputError(f"min_files must be >= 1, got {min_files}")
         return self.optimize() if self.small_files() >= min_files else None
@@ -308,22 +306,24 @@ class EmbeddingStore(PartIndex):
         """Delete data files that no version younger than `retention_hours` (default: the table's, 7 days) uses,
         and files the log never referenced (a killed writer's). Returns the files (to be) deleted. Versions older
         than the retention can no longer be read afterwards."""
-        if self.pinned_version is not None:  # to an old version, the newer versions' files are unreferenced
-            raise InputError(f"{self.uri()}: opened at version {self.pinned_version}, read-only")
-        table = self.table()
-        if table is None:
-            return []
+        self._check_writable()  # to an old version, the newer versions' files look unreferenced
         if retention_hours is not None and retention_hours < 0:
             raise InputError(f"retention_hours must be >= 0, got {retention_hours}")
         hours = None if retention_hours is None else math.ceil(retention_hours)  # never keep less than asked
-        # full: also the files no commit ever referenced (deltalake's default looks only at removed files)
-        return self._retrying("vacuuming", lambda: table.vacuum(hours, dry_run=dry_run,
-                                                                  enforce_retention_duration=False, full=True))
+
+        def run() -> list[str]:
+            table = self.table()
+            # full: also the files no commit ever referenced (deltalake's default looks only at removed files)
+            return [] if table is None else table.vacuum(hours, dry_run=dry_run, enforce_retention_duration=False,
+                                                         full=True)
+
+        return self._retrying("vacuuming", run)
 
     # ---- errors ----------------------------------------------------------------------------
 
     def _retrying(self, doing: str, run: Callable[[], T]) -> T:
-        """`run()`, redone on a commit conflict with jittered exponential backoff, up to `commit_retries` times."""
+        """`run()`, redone on a commit conflict with jittered exponential backoff, up to `commit_retries` times;
+        `run` gets the table through `table()`, which reads the commits it conflicted with first."""
         for attempt in range(self.commit_retries + 1):
             try:
                 return run()
@@ -332,8 +332,6 @@ class EmbeddingStore(PartIndex):
                     raise TransientStorageError(f"{self.uri()}: {doing} the embedding table failed after "
                                                 f"{attempt + 1} conflicting commits: {err}") from err
                 time.sleep(min(2.0, 0.02 * 2 ** attempt) * random.uniform(0.5, 1.5))
-                if self._table is not None:
-                    self._call("reading the log of", self._table.update_incremental)
             except (DeltaError, OSError, pa.ArrowException) as err:
                 raise self._error(doing, err) from err
         raise AssertionError("unreachable")
