@@ -5,8 +5,11 @@
 
 A thin shell over `elite.jobs.encode.encode_catalog` (the same job `elite encode` runs): the flow lists and
 hashes the catalog, and each batch of concepts to encode is a Prefect task that reads its images itself, encodes
-and appends to the store, retried only on transient storage errors. Failures become rows of the returned report,
-of the failures table `_runs/encode-<stamp>-failures.parquet` inside the store's folder, and of a table artifact.
+and appends to the store, retried only on transient storage errors. `runner="threads"` runs `concurrency` batches
+at a time in this process; `runner="ray"` runs them on the Ray cluster at `ray_address` (flows/_ray.py), each Ray
+worker loading the encoder once and appending its rows to the table itself (Delta commits retry on conflicts).
+Failures become rows of the returned report, of the failures table `_runs/encode-<stamp>-failures.parquet` inside
+the store's folder, and of a table artifact.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from PIL import Image
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
@@ -29,6 +33,7 @@ from elite.jobs.encode import (
     encode_catalog,
 )
 from elite.jobs.models import encoder_needs, resolve_models
+from elite.model.concepts import ConceptEmbedding
 from flows._common import (
     RETRIES,
     RETRY_DELAYS,
@@ -41,6 +46,7 @@ from flows._common import (
     store_at,
     table_at,
 )
+from flows._ray import RayOptions, check_runner, run_on_ray
 
 
 @task(cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_transient,
@@ -48,7 +54,28 @@ from flows._common import (
 def encode_batch_task(concepts_uri: str, store_uri: str, settings: EncoderSettings, batch: list[EncodeItem],
                       label: str) -> EncodeBatchResult:
     """Read, encode and store one batch (retried only on transient storage errors)."""
+    capture_library_logs()  # a Ray worker is a process of its own
     return encode_batch(locations_at(concepts_uri), table_at(store_uri), cached_encoder(settings), batch)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="load encoder")
+def encoder_identity_task(settings: EncoderSettings) -> tuple[str, str]:
+    """(encoder id, device) of the encoder `settings` load where the batches run (a Ray worker: its GPU and dtype
+    may differ from the flow's host, and the id includes the dtype). The worker keeps the encoder loaded."""
+    encoder = cached_encoder(settings)
+    return encoder.encoder_id, encoder.device
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteEncoder:
+    """The encoder the Ray workers load, as the job's planning sees it: its id and device; it encodes nothing here."""
+
+    encoder_id: str
+    device: str
+
+    def encode(self, images: Sequence[Image.Image], masks: Sequence[Image.Image | None] | None = None,
+               concept_ids: Sequence[str] | None = None) -> list[ConceptEmbedding]:
+        raise RuntimeError("RemoteEncoder encodes on the Ray workers, not in the flow")
 
 
 @flow(name="encode-concepts", flow_run_name="encode {concepts_uri}", log_prints=True)
@@ -57,7 +84,8 @@ def encode_concepts(concepts_uri: str, store_uri: str, engine: str = "torch", on
                     local_mapper: str | None = None, pretrained_model: str | None = None,
                     manifest: str | None = None, batch_size: int = 8, concurrency: int = 2, device: str = "auto",
                     dtype: str = "auto", replace_sources: bool = False,
-                    compact_min_files: int | None = COMPACT_MIN_FILES) -> dict[str, Any]:
+                    compact_min_files: int | None = COMPACT_MIN_FILES, runner: str = "threads",
+                    ray_address: str | None = None, ray_stall_timeout: float = 900.0) -> dict[str, Any]:
     """Encode every concept under `concepts_uri` (or listed in the `manifest` key there) into `store_uri`.
 
     Models left out come from ELITE_* variables (elite.jobs.models). `device`: "auto" (the worker's GPU when it
@@ -65,22 +93,39 @@ def encode_concepts(concepts_uri: str, store_uri: str, engine: str = "torch", on
     (threads sharing one encoder: torch and ONNX Runtime release the GIL, so one batch's reads overlap another's
     encoding). `replace_sources`: let a concept id stored from another source be replaced instead of failing.
     `compact_min_files`: compact the table's small files at the end once this many have piled up (None or 0:
-    never; `elite store optimize` does it on demand).
+    never; `elite store optimize` does it on demand). `runner`: "threads" or "ray" (batches on the Ray cluster at
+    `ray_address`, default RAY_ADDRESS, else a local Ray; `device` "cpu" asks Ray for a CPU, "auto" for a GPU when
+    the cluster has one; `ray_stall_timeout`: seconds with no batch finished before the rest become failures).
     Returns the job's report (elite.jobs.encode.EncodeReport) as a dict, with `store_uri`.
     """
     if concurrency < 1:
         raise InputError(f"concurrency must be at least 1, got {concurrency}")
     capture_library_logs()
+    check_runner(runner)
+    ray_options = RayOptions(ray_address, ray_stall_timeout) if runner == "ray" else None
     models = resolve_models(encoder_needs(engine), onnx_path=onnx_path, vision_model=vision_model,
                             global_mapper=global_mapper, local_mapper=local_mapper, pretrained_model=pretrained_model)
-    settings = EncoderSettings(engine, models["onnx_path"], models["vision_model"], models["global_mapper"],
-                               models["local_mapper"], models["pretrained_model"], device, dtype)
-    encoder = cached_encoder(settings)
+    if ray_options is not None:
+        want = "cpu" if device == "cpu" else "auto" if device == "auto" else "cuda"
+        # on a Ray worker, the GPU it was given is its only one: cuda:0
+        settings = EncoderSettings(engine, models["onnx_path"], models["vision_model"], models["global_mapper"],
+                                   models["local_mapper"], models["pretrained_model"],
+                                   "cuda:0" if want == "cuda" else device, dtype)
+        found = next(run_on_ray(encoder_identity_task, [{"settings": settings}], want, ray_options))
+        if isinstance(found, Exception):
+            raise found
+        encoder: Any = RemoteEncoder(*found)
+    else:
+        settings = EncoderSettings(engine, models["onnx_path"], models["vision_model"], models["global_mapper"],
+                                   models["local_mapper"], models["pretrained_model"], device, dtype)
+        encoder = cached_encoder(settings)
 
     def run_batches(batches: Sequence[list[EncodeItem]]) -> Any:
         parameters = [{"concepts_uri": concepts_uri, "store_uri": store_uri, "settings": settings, "batch": batch,
                        "label": batch_label(batch[0].refs[0].concept_id, batch[-1].refs[-1].concept_id,
                                             sum(len(item.refs) for item in batch))} for batch in batches]
+        if ray_options is not None:
+            return run_on_ray(encode_batch_task, parameters, want, ray_options)
         return run_bounded(encode_batch_task, parameters, concurrency)
 
     report = encode_catalog(store_at(concepts_uri), table_at(store_uri), encoder, manifest=manifest,

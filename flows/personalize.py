@@ -4,8 +4,9 @@
 
 Layout under `out_uri`: `embeddings/` (the embedding store, unless `store_uri` puts it elsewhere),
 `images/<concept_id>/*.png` with `images/_runs/` (results manifests and failures tables of the generation runs),
-`embeddings/_runs/` (failures tables of the encode runs) and `_runs/personalize-<stamp>-failures.parquet` (every
-failure of this run in one table; written only when something failed). Both steps skip finished work, so a rerun
+`embeddings/_runs/` (failures tables of the encode runs), `_runs/personalize-<stamp>-concepts.json` (the catalog's
+concept ids handed to the generate step) and `_runs/personalize-<stamp>-failures.parquet` (every failure of this
+run in one table; written only when something failed). Both steps skip finished work, so a rerun
 does only what is missing: concepts whose image and mask bytes are stored for this encoder are not encoded again,
 images already written are not generated again, and a concept added to the catalog gets its images on the next run.
 
@@ -16,6 +17,7 @@ so a deployment can keep model locations in its work pool. Deployment: infra/REA
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -26,6 +28,7 @@ from elite.errors import Failure
 from elite.jobs.common import put_failures, run_stamp
 from elite.jobs.models import GENERATOR_NEEDS, encoder_needs, resolve_models
 from flows._common import capture_library_logs, publish, store_at
+from flows._ray import check_runner
 from flows.encode import encode_concepts
 from flows.generate import generate_images
 
@@ -44,13 +47,16 @@ def personalize_catalog(concepts_uri: str, prompts_uri: str | None, out_uri: str
                         generate_batch_size: int = 4, base_seed: int = 0, devices: list[str] | None = None,
                         dtype: str = "auto", encode_device: str = "auto",
                         replace_sources: bool = False,
-                        compact_min_files: int | None = COMPACT_MIN_FILES) -> dict[str, Any]:
+                        compact_min_files: int | None = COMPACT_MIN_FILES, runner: str = "threads",
+                        ray_address: str | None = None, ray_stall_timeout: float = 900.0) -> dict[str, Any]:
     """Encode the new concepts of `concepts_uri` (a folder, or the `manifest` key in it), then generate every
     image of the prompt file at `prompts_uri` (None: two default prompts) that the catalog's concepts lack, under
     `out_uri`/images. The encode step compacts the embedding table once `compact_min_files` small files have
-    piled up (None or 0: never)."""
+    piled up (None or 0: never). `runner` "ray" runs both steps' batches on the Ray cluster at `ray_address`
+    (default RAY_ADDRESS, else a local Ray; flows/_ray.py), "threads" on this worker."""
     started = time.perf_counter()
     capture_library_logs()
+    check_runner(runner)
     models = resolve_models(GENERATOR_NEEDS + encoder_needs(engine), pretrained_model=pretrained_model,
                             vision_model=vision_model, global_mapper=global_mapper, local_mapper=local_mapper,
                             onnx_path=onnx_path)
@@ -61,11 +67,18 @@ def personalize_catalog(concepts_uri: str, prompts_uri: str | None, out_uri: str
                               local_mapper=models["local_mapper"], pretrained_model=models["pretrained_model"],
                               manifest=manifest, batch_size=encode_batch_size, concurrency=encode_concurrency,
                               device=encode_device, dtype=dtype, replace_sources=replace_sources,
-                              compact_min_files=compact_min_files)
+                              compact_min_files=compact_min_files, runner=runner, ray_address=ray_address,
+                              ray_stall_timeout=ray_stall_timeout)
+    stamp = run_stamp()
     if encoded["concept_ids"]:
+        # the catalog's ids go to the generate run as an object, not as a parameter the Prefect API stores
+        ids_key = f"_runs/personalize-{stamp}-concepts.json"
+        store_at(out_uri).put(ids_key, json.dumps(encoded["concept_ids"]).encode())
         generated = generate_images(store_uri, prompts_uri, images_uri, models["pretrained_model"],
                                     models["global_mapper"], models["local_mapper"],
-                                    encoder_id=encoded["encoder_id"], concept_ids=encoded["concept_ids"], steps=steps,
+                                    encoder_id=encoded["encoder_id"], concept_ids_uri=store_at(out_uri).uri(ids_key),
+                                    runner=runner, ray_address=ray_address, ray_stall_timeout=ray_stall_timeout,
+                                    steps=steps,
                                     guidance_scale=guidance_scale, lambda_local=lambda_local, height=height,
                                     width=width, batch_size=generate_batch_size, base_seed=base_seed,
                                     devices=devices, dtype=dtype)
@@ -73,7 +86,7 @@ def personalize_catalog(concepts_uri: str, prompts_uri: str | None, out_uri: str
         generated = {"generated": 0, "skipped": 0, "failures": [], "manifest_uri": None,
                      "seconds": {"model": 0.0, "io": 0.0}}
     failures = [Failure(**row) for row in encoded["failures"] + generated["failures"]]
-    failures_uri = put_failures(store_at(out_uri), f"_runs/personalize-{run_stamp()}-failures.parquet", failures)
+    failures_uri = put_failures(store_at(out_uri), f"_runs/personalize-{stamp}-failures.parquet", failures)
     seconds = time.perf_counter() - started
     report: dict[str, Any] = {
         "encoded": encoded["done"], "encode_skipped": encoded["skipped"], "concepts": len(encoded["concept_ids"]),

@@ -297,6 +297,13 @@ def generate_batch(embeddings: AnyEmbeddingStore, out: ObjectStore, settings: Ge
     return GenerateBatchResult(rows, failures, clock.seconds)
 
 
+def _batch_rows(out: ObjectStore, batch: GenerateBatch) -> list[dict[str, Any]]:
+    """The manifest rows a batch put before its result was lost (a worker or host died after the put), or []."""
+    if not out.exists(batch.manifest_key):
+        return []
+    return pq.read_table(io.BytesIO(out.get(batch.manifest_key))).to_pylist()
+
+
 def _generate(pipe: ElitePipeline, settings: GenerationSettings, items: Sequence[WorkItem],
               concepts: dict[str, ConceptEmbedding]) -> list[Image.Image]:
     images = pipe([i.prompt for i in items], [concepts[i.concept_id] for i in items], seed=[i.seed for i in items],
@@ -353,8 +360,12 @@ def generate_catalog(embeddings: AnyEmbeddingStore, prompts: Sequence[PromptSpec
     rows: list[dict[str, Any]] = []
     for batch, result in zip(batches, runner(batches), strict=True):
         if isinstance(result, Exception):  # failed after its retries: its images are failures, not lost
+            # a worker lost after putting its batch's rows (its result never came back): those images are made
+            recorded = _batch_rows(out, batch)
+            rows += recorded
+            made = {row["output_key"] for row in recorded}
             failures += [Failure(i.concept_id, out.uri(i.output_key), "generate", f"{type(result).__name__}: "
-                                 f"{result}") for i in batch.items]
+                                 f"{result}") for i in batch.items if i.output_key not in made]
         else:
             rows += result.rows
             failures += result.failures
