@@ -13,6 +13,8 @@ else `num_cpus=1`. What the runner leaves to us, and this module adds:
   `PREFECT_API_URL` it would start a temporary Prefect server of its own and record the batch there. The runner
   passes the flow's API URL (and elite's non-secret `ELITE_*` settings) to the workers in Ray's runtime
   environment, and refuses a loopback API URL when the cluster has nodes on other hosts, which cannot reach it;
+- delivery: each batch sends its Prefect events and logs before returning (flows/_ray_runner.py), since Ray stops a
+  run's worker processes when the run ends;
 - a bounded window: at most `window` batches are submitted at a time (default twice the cluster's slots), so a
   run of 10^5 batches does not queue 10^5 Ray tasks and Prefect task runs up front;
 - lost hosts: Ray re-runs a batch whose worker process or node died (`max_retries` times); when no batch finishes
@@ -163,15 +165,16 @@ def run_on_ray(task: Any, parameters: Sequence[dict[str, Any]], device: str, opt
     run, at most `options.window` at a time; yield each result, or the exception its batch ended with, in
     submission order (a BatchRunner of elite.jobs)."""
     import ray
-    from prefect_ray import RayTaskRunner
     from prefect_ray.context import remote_options
+
+    from flows._ray_runner import FlushingRayTaskRunner
 
     if not parameters:
         return
     api_url = prefect_api_url()
     runtime_env = {"env_vars": worker_env(api_url)}
     runner: Any  # RayTaskRunner; its submit overloads confuse mypy about sync tasks
-    with RayTaskRunner(address=options.address, init_kwargs={"runtime_env": runtime_env}) as runner:
+    with FlushingRayTaskRunner(address=options.address, init_kwargs={"runtime_env": runtime_env}) as runner:
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         check_api_reachable(api_url, [str(node.get("NodeManagerAddress", "")) for node in nodes],
                             _local_addresses())

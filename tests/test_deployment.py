@@ -52,13 +52,19 @@ def _cron(config: dict[str, Any]) -> Any:
 
 
 def test_prefect_file_deployments(project: dict[str, Any]) -> None:
-    assert sorted(d["name"] for d in project["deployments"]) == ["export-embeddings", "personalize-catalog"]
-    assert all(d["work_pool"]["name"] == "elite-gpu" for d in project["deployments"])
+    assert sorted(d["name"] for d in project["deployments"]) == ["export-embeddings", "personalize-catalog",
+                                                                  "personalize-catalog-ray"]
+    assert {d["name"]: d["work_pool"]["name"] for d in project["deployments"]} == {
+        "export-embeddings": "elite-gpu", "personalize-catalog": "elite-gpu", "personalize-catalog-ray": "elite-ray"}
+    ray = _deployment(project, "personalize-catalog-ray")
+    assert ray["parameters"]["runner"] == "ray" and ray["parameters"]["ray_address"].startswith("ray://")
+    assert ray["schedules"] == []  # never two nightly runs of one catalog
     [step] = project["pull"]
     assert Path(step["prefect.deployments.steps.set_working_directory"]["directory"]).is_absolute()
 
 
 @pytest.mark.parametrize(("name", "flow_name"), [("personalize-catalog", "personalize-catalog"),
+                                                 ("personalize-catalog-ray", "personalize-catalog"),
                                                  ("export-embeddings", "export-embeddings")])
 def test_entrypoint_and_parameters(project: dict[str, Any], name: str, flow_name: str,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
@@ -79,8 +85,10 @@ def test_job_variables_are_settings_elite_reads(project: dict[str, Any]) -> None
         assert set(env) <= s3_names | set(MODEL_ENV.values()), sorted(set(env) - s3_names - set(MODEL_ENV.values()))
         assert not {name for name in env if "SECRET" in name or "SESSION_TOKEN" in name}  # stored in the deployment
         storage_settings_from_env(env)  # every value parses
-    models = _deployment(project, "personalize-catalog")["work_pool"]["job_variables"]["env"]
-    assert {"ELITE_PRETRAINED_MODEL", "ELITE_VISION_MODEL", "ELITE_GLOBAL_MAPPER", "ELITE_LOCAL_MAPPER"} <= set(models)
+    for name in ("personalize-catalog", "personalize-catalog-ray"):
+        models = _deployment(project, name)["work_pool"]["job_variables"]["env"]
+        assert {"ELITE_PRETRAINED_MODEL", "ELITE_VISION_MODEL", "ELITE_GLOBAL_MAPPER",
+                "ELITE_LOCAL_MAPPER"} <= set(models)
 
 
 def test_schedules(project: dict[str, Any]) -> None:

@@ -80,7 +80,7 @@ def _tail(log: Path, chars: int = 4000) -> str:
 
 
 def _wait(what: str, check: Callable[[], Any], timeout: float, process: subprocess.Popen[bytes] | None = None,
-          log: Path | None = None) -> Any:
+          log: Path | None = None, seen: Any = None) -> Any:
     """Poll `check()` until it returns something truthy; fail naming `what`, with the process's output."""
     deadline = time.monotonic() + timeout
     while True:
@@ -90,7 +90,7 @@ def _wait(what: str, check: Callable[[], Any], timeout: float, process: subproce
         if process is not None and process.poll() is not None:
             pytest.fail(f"{what}: the process exited with {process.returncode}:\n{_tail(log) if log else ''}")
         if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not after {timeout:.0f} s\n{_tail(log) if log else ''}")
+            pytest.fail(f"{what}: not after {timeout:.0f} s\n{_tail(log) if log else ''}{seen if seen else ''}")
         time.sleep(0.5)
 
 
@@ -240,3 +240,93 @@ def test_flows_and_deployments_on_a_real_server(tiny_models: TinyModels, concept
 
     with socket.socket() as probe:  # the server and the runner are gone: nothing listens on the port
         assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_ray_deployment_run_by_a_process_worker(tiny_models: TinyModels, concepts_dir: Path, tmp_path: Path) -> None:
+    """personalize-catalog-ray of infra/prefect.yaml, its `edit` values filled in as a user would (the checkout's
+    path, the catalog, the models, the Ray head), deployed with `prefect deploy`, run by `prefect worker start`
+    (a process worker) with its batches on a local Ray cluster. The batches' task runs are on this server: the
+    Ray workers reported to it, not to a temporary server of their own."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("prefect_ray")
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.workers.process import ProcessWorker
+    from ray.cluster_utils import Cluster
+
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    root = tmp_path / "root"
+    (root / "catalog").mkdir(parents=True)
+    for name in FIRST:
+        _copy_concept(concepts_dir, root / "catalog", name)
+    (root / "prompts.txt").write_text("a photo of a S on the beach\na painting of a S\n")
+    out = root / "out"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    project = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
+    [deployment] = [d for d in project["deployments"] if d["name"] == "personalize-catalog-ray"]
+    project["deployments"] = [deployment]
+    project["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] = str(REPO)
+    deployment["parameters"] |= {"concepts_uri": str(root / "catalog"), "prompts_uri": str(root / "prompts.txt"),
+                                 "out_uri": str(out), "generate_batch_size": 1, **SMALL}
+    deployment["work_pool"]["job_variables"]["env"] |= {
+        "ELITE_PRETRAINED_MODEL": str(tiny_models.pretrained_model),
+        "ELITE_VISION_MODEL": str(tiny_models.vision_model), "ELITE_GLOBAL_MAPPER": str(tiny_models.global_mapper),
+        "ELITE_LOCAL_MAPPER": str(tiny_models.local_mapper)}
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        deployment["parameters"]["ray_address"] = cluster.address
+        project_file = tmp_path / "prefect.yaml"
+        project_file.write_text(yaml.safe_dump(project, sort_keys=False))
+
+        with ExitStack() as stack:
+            server_log = logs / "server.log"
+            server = stack.enter_context(_started(
+                [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--no-scheduler"],
+                _env(tmp_path / "server-home", api_url), server_log, tmp_path))
+            _wait("the server's /api/health", lambda: _healthy(api_url), STARTUP_TIMEOUT, server, server_log)
+            stack.enter_context(temporary_settings({PREFECT_API_URL: api_url}))
+            client = stack.enter_context(get_client(sync_client=True))
+            client.create_work_pool(WorkPoolCreate(name="elite-ray", type="process",
+                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
+            deploy_log = logs / "deploy.log"
+            deploy = stack.enter_context(_started(
+                [PREFECT, "--no-prompt", "deploy", "--prefect-file", str(project_file), "-n",
+                 "personalize-catalog-ray"], _env(tmp_path / "deploy-home", api_url), deploy_log, REPO))
+            _finished(deploy, deploy_log, "prefect deploy", 240)
+            worker_log = logs / "worker.log"
+            worker = stack.enter_context(_started(
+                [PREFECT, "worker", "start", "--pool", "elite-ray", "--type", "process"],
+                _env(tmp_path / "worker-home", api_url, PREFECT_WORKER_QUERY_SECONDS="1"), worker_log, tmp_path))
+
+            flow_run = run_deployment("personalize-catalog/personalize-catalog-ray", timeout=420, poll_interval=1)
+            assert flow_run.state_type == StateType.COMPLETED, f"{flow_run.state}\n{_tail(worker_log, 8000)}"
+            assert worker.poll() is None
+            pngs = _pngs(out)
+            assert len(pngs) == 2 * len(FIRST)
+            runs = client.read_flow_runs()
+            generate = [r for r in runs if r.parent_task_run_id is not None
+                        and client.read_flow(r.flow_id).name == "generate-images"]
+            assert len(generate) == 1
+
+            seen: list[Any] = []
+
+            def batches() -> list[Any]:  # recorded by the Ray workers through this server's API
+                tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[generate[0].id])))
+                seen[:] = [(t.name, t.state_type) for t in tasks]
+                done = [t for t in tasks if t.name.startswith("generate ") and t.state_type == StateType.COMPLETED]
+                return done if len(done) == len(pngs) else []
+
+            _wait("the Ray workers' task runs on this server", batches, 60, seen=seen)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
