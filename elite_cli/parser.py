@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,7 +86,15 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive, default=4, help="images per generation task")
     p.add_argument("--encode-batch-size", type=positive, default=8, help="concepts per encoding task")
     _compaction(p)
-    p.add_argument("--devices", help="generation slots, e.g. cuda:0,cuda:1 (default: every GPU, else cpu)")
+    p.add_argument("--devices", help="generation slots, e.g. cuda:0,cuda:1 (default: every GPU, else cpu); with "
+                                     "--runner ray, cpu or cuda: what each batch asks Ray for")
+    p.add_argument("--runner", choices=("threads", "ray"), default="threads",
+                   help="threads: batches on this machine's devices; ray: on the Ray cluster at --ray-address "
+                        "(docs/scale-out.md)")
+    p.add_argument("--ray-address", help="the Ray cluster: ray://HEAD:10001, HEAD:6379 or auto (default: "
+                                         "$RAY_ADDRESS, else a Ray started for this run)")
+    p.add_argument("--ray-stall-timeout", type=positive_float, default=900.0,
+                   help="seconds with no batch finished on Ray before the unfinished ones become failures")
     p.add_argument("--timeout", type=float, help="fail the flow run after this many seconds (default: no limit)")
     _models(p, "pretrained_model", "vision_model", "global_mapper", "local_mapper", "onnx_path")
 
@@ -226,6 +235,17 @@ def positive(text: str) -> int:
 def non_negative(text: str) -> int:
     """An integer of at least 0 (table versions; 0 turns a count off)."""
     return _integer(text, 0)
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0 (seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
 
 
 def name_value(text: str) -> tuple[str, object]:

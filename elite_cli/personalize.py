@@ -39,6 +39,10 @@ def check_inputs(args: argparse.Namespace) -> None:
     check_sampler(args.steps or 1, args.guidance_scale, args.lambda_local, args.height or 8, args.width or 8)
     # a store of the earlier format is refused here, with how to migrate it
     embedding_table(args.store or open_store(args.out).uri("embeddings"))
+    if args.runner == "ray":
+        from flows._ray import check_runner  # Ray and prefect-ray installed
+
+        check_runner(args.runner)
 
 
 class _NoTraceback(logging.Formatter):
@@ -98,8 +102,9 @@ def cmd_personalize(args: argparse.Namespace) -> int:
             generate_batch_size=args.batch_size, base_seed=args.seed,
             devices=args.devices.split(",") if args.devices else None, dtype=args.dtype,
             encode_device=args.encode_device, replace_sources=args.replace_sources,
-            compact_min_files=args.compact_min_files or None,
-            pretrained_model=models["pretrained_model"], vision_model=models["vision_model"],
+            compact_min_files=args.compact_min_files or None, runner=args.runner, ray_address=args.ray_address,
+            ray_stall_timeout=args.ray_stall_timeout, pretrained_model=models["pretrained_model"],
+            vision_model=models["vision_model"],
             global_mapper=models["global_mapper"], local_mapper=models["local_mapper"], onnx_path=models["onnx_path"])
     except EliteError:
         raise

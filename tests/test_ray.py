@@ -280,3 +280,52 @@ def test_workers_get_the_api_url_and_no_secrets() -> None:
     assert batch_resources("cpu", {"CPU": 32.0, "GPU": 8.0}) == {"num_cpus": 1}
     with pytest.raises(InputError, match="no GPU"):
         batch_resources("cuda", {"CPU": 2.0})
+
+
+def test_personalize_from_the_cli_with_both_steps_on_ray(ray_cluster: Cluster, prefect_harness: None,
+                                                         tiny_models: TinyModels, concepts_dir: Path,
+                                                         tmp_path: Path) -> None:
+    """`elite personalize --runner ray`: the encode batches (the encoder loaded on the workers, its id asked from
+    them) and the generation batches run on the cluster; the stored embeddings equal a thread-runner encode's."""
+    from elite.data.storage import embedding_store
+    from elite_cli.main import main
+    from flows.encode import encode_concepts
+
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    for name in CONCEPTS:
+        (catalog / f"{name}.jpg").write_bytes((concepts_dir / f"{name}.jpg").read_bytes())
+        (catalog / f"{name}_bg.png").write_bytes((concepts_dir / f"{name}_bg.png").read_bytes())
+    (tmp_path / "prompts.txt").write_text("a photo of a S\n")
+    models = [f"--{name.replace('_', '-')}={value}" for name, value in _models(tiny_models).items()]
+    code = main(["personalize", "--concepts", str(catalog), "--prompts", str(tmp_path / "prompts.txt"), "--out",
+                 str(tmp_path / "out"), *models, f"--vision-model={tiny_models.vision_model}", "--steps", "2",
+                 "--height", "64", "--width", "64", "--encode-batch-size", "1", "--runner", "ray",
+                 "--ray-address", ray_cluster.address])
+    assert code == 0
+    assert len(list((tmp_path / "out" / "images").glob("*/*.png"))) == len(CONCEPTS)
+    on_ray = {c.concept_id: c for c in embedding_store(str(tmp_path / "out" / "embeddings")).read_embeddings()}
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a Ray CPU batch
+    try:
+        encode_concepts(str(catalog), str(tmp_path / "threads"), vision_model=str(tiny_models.vision_model),
+                        **_models(tiny_models))
+    finally:
+        torch.set_num_threads(saved)
+    by_threads = {c.concept_id: c for c in embedding_store(str(tmp_path / "threads")).read_embeddings()}
+    assert sorted(on_ray) == sorted(by_threads) == sorted(CONCEPTS)
+    for cid, concept in on_ray.items():
+        torch.testing.assert_close(concept.words, by_threads[cid].words, rtol=0, atol=1e-6)
+        # stored as float16: a float32 difference of one in a million may round to the neighbouring half
+        torch.testing.assert_close(concept.local_tokens, by_threads[cid].local_tokens, rtol=2 ** -10, atol=1e-6)
+
+
+def test_the_cli_refuses_bad_ray_settings_before_prefect_starts(tmp_path: Path) -> None:
+    from elite_cli.main import main
+
+    (tmp_path / "catalog").mkdir()
+    with pytest.raises(SystemExit):  # argparse: exit 2 with its usage line
+        main(["personalize", "--concepts", str(tmp_path / "catalog"), "--out", str(tmp_path / "out"),
+              "--runner", "ray", "--ray-stall-timeout", "0"])
+    assert not (tmp_path / "out").exists()
