@@ -9,6 +9,7 @@ URL from what the run forwards to them.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import threading
@@ -329,3 +330,52 @@ def test_the_cli_refuses_bad_ray_settings_before_prefect_starts(tmp_path: Path) 
         main(["personalize", "--concepts", str(tmp_path / "catalog"), "--out", str(tmp_path / "out"),
               "--runner", "ray", "--ray-stall-timeout", "0"])
     assert not (tmp_path / "out").exists()
+
+
+DRIVER = """
+import json, sys
+from flows.generate import generate_images
+print("REPORT " + json.dumps(generate_images(**json.loads(sys.argv[1])), default=str))
+"""
+
+
+def test_a_killed_driver_is_finished_by_a_rerun(ray_cluster: Cluster, catalog: dict[str, str],
+                                                tiny_models: TinyModels, tmp_path: Path) -> None:
+    """The flow run's own process (the Ray driver) SIGKILLed midway: Ray stops its batches; a rerun makes what is
+    missing, and across both runs every image has exactly one manifest row."""
+    import subprocess
+    import sys
+
+    from flows._ray import prefect_api_url
+
+    out_uri = f"{catalog['root']}/images-driver-killed"
+    out = open_store(out_uri)
+    arguments = {"store_uri": catalog["store"], "prompts_uri": catalog["prompts"], "out_uri": out_uri,
+                 **_models(tiny_models), "encoder_id": catalog["encoder_id"], "steps": 2, "height": 64, "width": 64,
+                 "batch_size": 1, "runner": "ray", "ray_address": ray_cluster.address}
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url()}  # this session's test server
+    log = tmp_path / "driver.log"
+    with log.open("wb") as output:
+        driver = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(arguments)], env=env, stdout=output,
+                                  stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while len([i for i in out.list() if i.key.endswith(".png")]) < 3:
+                assert driver.poll() is None, log.read_text(errors="replace")[-3000:]
+                assert time.monotonic() < deadline, "the driver made no 3 images in 300 s"
+                time.sleep(0.05)
+        finally:
+            driver.kill()
+            driver.wait(60)
+    made = len([i for i in out.list() if i.key.endswith(".png")])
+    assert 3 <= made < IMAGES
+    assert not [i.key for i in out.list("_runs/") if i.key.endswith(".parquet") and "/" not in i.key[6:]]
+
+    rerun = _generate(catalog, tiny_models, out_uri, runner="ray", ray_address=ray_cluster.address)
+    assert rerun["failed"] == 0 and rerun["generated"] + rerun["skipped"] == IMAGES
+    images = _images(out)
+    assert len(images) == IMAGES
+    keys = [i.key for i in out.list("_runs/") if i.key.endswith(".parquet") and "failures" not in i.key]
+    rows = pa.concat_tables([pq.read_table(io.BytesIO(out.get(key))) for key in keys]).to_pylist()
+    assert sorted(row["output_key"] for row in rows) == sorted(images)  # each image once: a batch file or a run's
+    assert all(images[row["output_key"]] == row["sha256"] for row in rows)
