@@ -379,3 +379,23 @@ def test_a_killed_driver_is_finished_by_a_rerun(ray_cluster: Cluster, catalog: d
     rows = pa.concat_tables([pq.read_table(io.BytesIO(out.get(key))) for key in keys]).to_pylist()
     assert sorted(row["output_key"] for row in rows) == sorted(images)  # each image once: a batch file or a run's
     assert all(images[row["output_key"]] == row["sha256"] for row in rows)
+
+
+def test_a_worker_given_another_gpu_than_its_models_exits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reused Ray worker keeps its CUDA context: handed a batch for another GPU, it exits (Ray reruns the batch
+    on a fresh worker) instead of running it on the GPU its models sit on."""
+    import flows._ray as ray_runner
+
+    given: list[list[int]] = [[3]]
+    exits: list[int] = []
+    monkeypatch.setattr(ray_runner, "_BOUND_GPUS", [])
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: given[0])
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(os, "_exit", exits.append)
+    assert ray_runner.worker_devices() == ["cuda:0"]  # CUDA_VISIBLE_DEVICES names only GPU 3: cuda:0 here
+    assert ray_runner.worker_devices() == ["cuda:0"] and not exits
+    given[0] = [5]
+    ray_runner.worker_devices()
+    assert exits == [75]
+    given[0] = []
+    assert ray_runner.worker_devices() == ["cpu"]
