@@ -13,8 +13,8 @@ else `num_cpus=1`. What the runner leaves to us, and this module adds:
   `PREFECT_API_URL` it would start a temporary Prefect server of its own and record the batch there. The runner
   passes the flow's API URL (and elite's non-secret `ELITE_*` settings) to the workers in Ray's runtime
   environment, and refuses a loopback API URL when the cluster has nodes on other hosts, which cannot reach it;
-- delivery: each batch sends its Prefect events and logs before returning (flows/_ray_runner.py), since Ray stops a
-  run's worker processes when the run ends;
+- delivery: each batch returns once its Prefect state events are sent (flows/_ray_runner.py), and workers send
+  their log lines every 0.1 s, since Ray stops a run's worker processes when the run ends;
 - a bounded window: at most `window` batches are submitted at a time (default twice the cluster's slots), so a
   run of 10^5 batches does not queue 10^5 Ray tasks and Prefect task runs up front;
 - lost hosts: Ray re-runs a batch whose worker process or node died (`max_retries` times); when no batch finishes
@@ -31,8 +31,10 @@ import logging
 import os
 import re
 import socket
+import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +49,10 @@ FORWARDED = re.compile(r"ELITE_[A-Z0-9_]+")
 SECRET = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
 # Prefect settings that make sense on every worker of a run (telemetry off, as the driver has it)
 PREFECT_FORWARDED = ("PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK", "PREFECT_LOGGING_LEVEL")
+# Workers send their log lines this often (Prefect's default, 2 s, would hold a worker's last lines past the end of
+# the run, when Ray stops its workers); the run waits LOG_WAITS intervals before it disconnects.
+LOG_INTERVAL = "0.1"
+LOG_WAITS = 3
 
 
 class BatchNotFinished(EliteError):
@@ -103,6 +109,7 @@ def worker_env(api_url: str, environ: dict[str, str] | None = None) -> dict[str,
     forwarded = {name: value for name, value in env.items()
                  if FORWARDED.fullmatch(name) and not SECRET.search(name) and value}
     forwarded.update({name: env[name] for name in PREFECT_FORWARDED if env.get(name)})
+    forwarded["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = env.get("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", LOG_INTERVAL)
     return {**forwarded, "PREFECT_API_URL": api_url}
 
 
@@ -160,32 +167,67 @@ def cluster_slots(resources: dict[str, float], cluster: dict[str, float]) -> int
     return int(cluster.get("CPU", 0.0) // resources.get("num_cpus", 1))
 
 
-def run_on_ray(task: Any, parameters: Sequence[dict[str, Any]], device: str, options: RayOptions) -> Iterator[Any]:
-    """Run `task` once per parameter dict on the Ray cluster of `options`, each a Prefect task run of this flow
-    run, at most `options.window` at a time; yield each result, or the exception its batch ended with, in
-    submission order (a BatchRunner of elite.jobs)."""
+class RaySession:
+    """A flow's connection to its Ray cluster: batches of several kinds run on the same Ray job, so a worker that
+    loaded a model for one (the encoder, asked for its id) keeps it for the next."""
+
+    def __init__(self, runner: Any, api_url: str, runtime_env: dict[str, Any], options: RayOptions) -> None:
+        self.runner = runner
+        self.api_url = api_url
+        self.runtime_env = runtime_env
+        self.options = options
+
+    def run(self, task: Any, parameters: Sequence[dict[str, Any]], device: str) -> Iterator[Any]:
+        """Run `task` once per parameter dict, each a Prefect task run of this flow run, at most `options.window`
+        at a time; yield each result, or the exception its batch ended with, in submission order (a BatchRunner
+        of elite.jobs)."""
+        import ray
+        from prefect_ray.context import remote_options
+
+        if not parameters:
+            return
+        cluster = ray.cluster_resources()
+        resources = batch_resources(device, cluster)
+        window = self.options.window or max(2, 2 * cluster_slots(resources, cluster))
+        logger.info("Ray cluster resources: %s; batches ask for %s; %d in flight at most; Prefect API for the "
+                    "workers: %s", ", ".join(f"{k} {v:g}" for k, v in sorted(cluster.items()) if k in ("CPU", "GPU")),
+                    resources, window, self.api_url)
+        # the runtime environment per task as well: prefect-ray ignores init_kwargs when this process is connected
+        # to Ray already (ray.init called before the flow), and the workers would miss PREFECT_API_URL
+        request = {**resources, "max_calls": 0, "max_retries": self.options.max_retries, "retry_exceptions": False,
+                   "runtime_env": self.runtime_env}
+        yield from _windowed(self.runner, task, parameters, request, window, self.options.stall_timeout,
+                             remote_options)
+
+
+@contextmanager
+def ray_session(options: RayOptions) -> Iterator[RaySession]:
+    """Connect to the Ray cluster of `options` (or start a local Ray) for the time of the block, with the Prefect
+    API URL and elite's settings in the workers' environment; a loopback API URL is refused when the cluster has
+    nodes on other hosts."""
     import ray
-    from prefect_ray.context import remote_options
 
     from flows._ray_runner import FlushingRayTaskRunner
 
-    if not parameters:
-        return
     api_url = prefect_api_url()
     runtime_env = {"env_vars": worker_env(api_url)}
-    runner: Any  # RayTaskRunner; its submit overloads confuse mypy about sync tasks
+    if ray.is_initialized() and options.address:
+        logger.warning("this process is connected to Ray already: ray_address %s is not used", options.address)
     with FlushingRayTaskRunner(address=options.address, init_kwargs={"runtime_env": runtime_env}) as runner:
         nodes = [node for node in ray.nodes() if node.get("Alive")]
         check_api_reachable(api_url, [str(node.get("NodeManagerAddress", "")) for node in nodes],
                             _local_addresses())
-        cluster = ray.cluster_resources()
-        resources = batch_resources(device, cluster)
-        window = options.window or max(2, 2 * cluster_slots(resources, cluster))
-        logger.info("Ray cluster of %d node(s) (%s); batches ask for %s; %d in flight at most; Prefect API for the "
-                    "workers: %s", len(nodes), ", ".join(f"{k} {v:g}" for k, v in sorted(cluster.items())
-                                                           if k in ("CPU", "GPU")), resources, window, api_url)
-        request = {**resources, "max_calls": 0, "max_retries": options.max_retries, "retry_exceptions": False}
-        yield from _windowed(runner, task, parameters, request, window, options.stall_timeout, remote_options)
+        yield RaySession(runner, api_url, runtime_env, options)
+        # the workers' last log lines leave within a log interval or two; Ray stops the workers on disconnect
+        time.sleep(LOG_WAITS * float(runtime_env["env_vars"]["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"]))
+
+
+def run_on_ray(task: Any, parameters: Sequence[dict[str, Any]], device: str, options: RayOptions) -> Iterator[Any]:
+    """`RaySession.run` in a session of its own."""
+    if not parameters:
+        return
+    with ray_session(options) as session:
+        yield from session.run(task, parameters, device)
 
 
 def _windowed(runner: Any, task: Any, parameters: Sequence[dict[str, Any]], request: dict[str, Any], window: int,

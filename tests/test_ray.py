@@ -269,7 +269,8 @@ def test_workers_get_the_api_url_and_no_secrets() -> None:
         "ELITE_S3_SESSION_TOKEN": "t", "ELITE_PRETRAINED_MODEL": "/models/sd", "AWS_SECRET_ACCESS_KEY": "s",
         "PREFECT_API_KEY": "k", "DO_NOT_TRACK": "1", "HOME": "/root"})
     assert env == {"ELITE_S3_ENDPOINT_URL": "http://minio:9000", "ELITE_PRETRAINED_MODEL": "/models/sd",
-                   "DO_NOT_TRACK": "1", "PREFECT_API_URL": "http://prefect.internal:4200/api"}
+                   "DO_NOT_TRACK": "1", "PREFECT_API_URL": "http://prefect.internal:4200/api",
+                   "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.1"}  # sent before Ray stops the workers
     # an ephemeral (loopback) API is fine while every node is this host, refused once one is not
     check_api_reachable("http://127.0.0.1:8123/api", ["10.0.0.5"], ["10.0.0.5", "127.0.0.1"])
     with pytest.raises(InputError, match=r"10\.0\.0\.9.*cannot reach.*PREFECT_API_URL"):
