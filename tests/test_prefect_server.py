@@ -120,8 +120,43 @@ def _finished(process: subprocess.Popen[bytes], log: Path, what: str, timeout: f
     return log.read_text(errors="replace")
 
 
-def test_flows_and_deployments_on_a_real_server(tiny_models: TinyModels, concepts_dir: Path, tmp_path: Path) -> None:
+def _model_env(tiny_models: TinyModels) -> dict[str, str]:
+    return {"ELITE_PRETRAINED_MODEL": str(tiny_models.pretrained_model),
+            "ELITE_VISION_MODEL": str(tiny_models.vision_model),
+            "ELITE_GLOBAL_MAPPER": str(tiny_models.global_mapper),
+            "ELITE_LOCAL_MAPPER": str(tiny_models.local_mapper)}
+
+
+def _catalog(tmp_path: Path, concepts_dir: Path, prompts: str) -> tuple[Path, Path, Path]:
+    """A catalog of FIRST and a prompt file under tmp_path/root; returns (root, out folder, logs folder)."""
+    root = tmp_path / "root"
+    (root / "catalog").mkdir(parents=True)
+    for name in FIRST:
+        _copy_concept(concepts_dir, root / "catalog", name)
+    (root / "prompts.txt").write_text(prompts)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    return root, root / "out", logs
+
+
+def _server(stack: ExitStack, tmp_path: Path, logs: Path) -> tuple[str, int, Any]:
+    """`prefect server start` on a free port, waited for; returns its API URL, its port and a sync client set to
+    it (this process's Prefect settings point at it until the stack closes)."""
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    server_log = logs / "server.log"
+    server = stack.enter_context(_started(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--no-scheduler"],
+        _env(tmp_path / "server-home", api_url), server_log, tmp_path))
+    _wait("the server's /api/health", lambda: _healthy(api_url), STARTUP_TIMEOUT, server, server_log)
+    stack.enter_context(temporary_settings({PREFECT_API_URL: api_url}))
+    return api_url, port, stack.enter_context(get_client(sync_client=True))
+
+
+def test_flows_and_deployments_on_a_real_server(tiny_models: TinyModels, concepts_dir: Path, tmp_path: Path) -> None:
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.filters import (
         ArtifactFilter,
@@ -131,39 +166,21 @@ def test_flows_and_deployments_on_a_real_server(tiny_models: TinyModels, concept
     )
     from prefect.client.schemas.objects import StateType
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.workers.process import ProcessWorker
 
     from elite.jobs.models import MODEL_ENV
 
-    port = _free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    models = {"ELITE_PRETRAINED_MODEL": str(tiny_models.pretrained_model),
-              "ELITE_VISION_MODEL": str(tiny_models.vision_model),
-              "ELITE_GLOBAL_MAPPER": str(tiny_models.global_mapper),
-              "ELITE_LOCAL_MAPPER": str(tiny_models.local_mapper)}
-    root = tmp_path / "root"
-    (root / "catalog").mkdir(parents=True)
-    for name in FIRST:
-        _copy_concept(concepts_dir, root / "catalog", name)
-    (root / "prompts.txt").write_text("a photo of a S on the beach\n")
-    out = root / "out"
-    logs = tmp_path / "logs"
-    logs.mkdir()
+    models = _model_env(tiny_models)
+    root, out, logs = _catalog(tmp_path, concepts_dir, "a photo of a S on the beach\n")
     project = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
 
     with ExitStack() as stack:
-        server_log = logs / "server.log"
-        server = stack.enter_context(_started(
-            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--no-scheduler"],
-            _env(tmp_path / "server-home", api_url), server_log, tmp_path))
-        _wait("the server's /api/health", lambda: _healthy(api_url), STARTUP_TIMEOUT, server, server_log)
-        stack.enter_context(temporary_settings({PREFECT_API_URL: api_url}))
-        client = stack.enter_context(get_client(sync_client=True))
+        api_url, port, client = _server(stack, tmp_path, logs)
 
         # 1. the flow from a client process, and meanwhile the project file's deployments through `prefect deploy`
-        client.create_work_pool(WorkPoolCreate(name="elite-gpu", type="process",
-                                               base_job_template=ProcessWorker.get_default_base_job_template()))
+        for pool in ("elite-gpu", "elite-ray"):  # as the header of infra/prefect.yaml says
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process",
+                                                   base_job_template=ProcessWorker.get_default_base_job_template()))
         client.create_concurrency_limit("elite-gpu", 1)  # as `prefect concurrency-limit create elite-gpu 1`
         run_log, deploy_log = logs / "run.log", logs / "deploy.log"
         arguments = {"concepts_uri": str(root / "catalog"), "prompts_uri": str(root / "prompts.txt"),
@@ -249,36 +266,21 @@ def test_ray_deployment_run_by_a_process_worker(tiny_models: TinyModels, concept
     Ray workers reported to it, not to a temporary server of their own."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("prefect_ray")
-    from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.objects import StateType
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.workers.process import ProcessWorker
     from ray.cluster_utils import Cluster
 
-    port = _free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    root = tmp_path / "root"
-    (root / "catalog").mkdir(parents=True)
-    for name in FIRST:
-        _copy_concept(concepts_dir, root / "catalog", name)
-    (root / "prompts.txt").write_text("a photo of a S on the beach\na painting of a S\n")
-    out = root / "out"
-    logs = tmp_path / "logs"
-    logs.mkdir()
-
+    root, out, logs = _catalog(tmp_path, concepts_dir, "a photo of a S on the beach\na painting of a S\n")
     project = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
     [deployment] = [d for d in project["deployments"] if d["name"] == "personalize-catalog-ray"]
     project["deployments"] = [deployment]
     project["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] = str(REPO)
     deployment["parameters"] |= {"concepts_uri": str(root / "catalog"), "prompts_uri": str(root / "prompts.txt"),
                                  "out_uri": str(out), "generate_batch_size": 1, **SMALL}
-    deployment["work_pool"]["job_variables"]["env"] |= {
-        "ELITE_PRETRAINED_MODEL": str(tiny_models.pretrained_model),
-        "ELITE_VISION_MODEL": str(tiny_models.vision_model), "ELITE_GLOBAL_MAPPER": str(tiny_models.global_mapper),
-        "ELITE_LOCAL_MAPPER": str(tiny_models.local_mapper)}
+    deployment["work_pool"]["job_variables"]["env"] |= _model_env(tiny_models)
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
@@ -289,13 +291,7 @@ def test_ray_deployment_run_by_a_process_worker(tiny_models: TinyModels, concept
         project_file.write_text(yaml.safe_dump(project, sort_keys=False))
 
         with ExitStack() as stack:
-            server_log = logs / "server.log"
-            server = stack.enter_context(_started(
-                [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--no-scheduler"],
-                _env(tmp_path / "server-home", api_url), server_log, tmp_path))
-            _wait("the server's /api/health", lambda: _healthy(api_url), STARTUP_TIMEOUT, server, server_log)
-            stack.enter_context(temporary_settings({PREFECT_API_URL: api_url}))
-            client = stack.enter_context(get_client(sync_client=True))
+            api_url, _, client = _server(stack, tmp_path, logs)
             client.create_work_pool(WorkPoolCreate(name="elite-ray", type="process",
                                                    base_job_template=ProcessWorker.get_default_base_job_template()))
             deploy_log = logs / "deploy.log"
