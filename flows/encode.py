@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any
 
 from PIL import Image
@@ -46,7 +47,7 @@ from flows._common import (
     store_at,
     table_at,
 )
-from flows._ray import RayOptions, check_runner, run_on_ray
+from flows._ray import RayOptions, check_runner, ray_session
 
 
 @task(cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_transient,
@@ -105,32 +106,37 @@ def encode_concepts(concepts_uri: str, store_uri: str, engine: str = "torch", on
     ray_options = RayOptions(ray_address, ray_stall_timeout) if runner == "ray" else None
     models = resolve_models(encoder_needs(engine), onnx_path=onnx_path, vision_model=vision_model,
                             global_mapper=global_mapper, local_mapper=local_mapper, pretrained_model=pretrained_model)
-    if ray_options is not None:
-        want = "cpu" if device == "cpu" else "auto" if device == "auto" else "cuda"
-        # on a Ray worker, the GPU it was given is its only one: cuda:0
-        settings = EncoderSettings(engine, models["onnx_path"], models["vision_model"], models["global_mapper"],
-                                   models["local_mapper"], models["pretrained_model"],
-                                   "cuda:0" if want == "cuda" else device, dtype)
-        found = next(run_on_ray(encoder_identity_task, [{"settings": settings}], want, ray_options))
-        if isinstance(found, Exception):
-            raise found
-        encoder: Any = RemoteEncoder(*found)
-    else:
-        settings = EncoderSettings(engine, models["onnx_path"], models["vision_model"], models["global_mapper"],
-                                   models["local_mapper"], models["pretrained_model"], device, dtype)
-        encoder = cached_encoder(settings)
-
-    def run_batches(batches: Sequence[list[EncodeItem]]) -> Any:
-        parameters = [{"concepts_uri": concepts_uri, "store_uri": store_uri, "settings": settings, "batch": batch,
-                       "label": batch_label(batch[0].refs[0].concept_id, batch[-1].refs[-1].concept_id,
-                                            sum(len(item.refs) for item in batch))} for batch in batches]
+    with ExitStack() as stack:
         if ray_options is not None:
-            return run_on_ray(encode_batch_task, parameters, want, ray_options)
-        return run_bounded(encode_batch_task, parameters, concurrency)
+            want = "cpu" if device == "cpu" else "auto" if device == "auto" else "cuda"
+            # on a Ray worker, the GPU it was given is its only one: cuda:0
+            settings = EncoderSettings(engine, models["onnx_path"], models["vision_model"], models["global_mapper"],
+                                       models["local_mapper"], models["pretrained_model"],
+                                       "cuda:0" if want == "cuda" else device, dtype)
+            # one Ray job for the encoder's id and the batches: the worker that loaded the encoder keeps it
+            session = stack.enter_context(ray_session(ray_options))
+            [found] = list(session.run(encoder_identity_task, [{"settings": settings}], want))
+            if isinstance(found, Exception):
+                raise found
+            encoder: Any = RemoteEncoder(*found)
+        else:
+            settings = EncoderSettings(engine, models["onnx_path"], models["vision_model"], models["global_mapper"],
+                                       models["local_mapper"], models["pretrained_model"], device, dtype)
+            encoder = cached_encoder(settings)
 
-    report = encode_catalog(store_at(concepts_uri), table_at(store_uri), encoder, manifest=manifest,
-                            batch_size=batch_size, reports=store_at(store_uri), run_batches=run_batches,
-                            replace_sources=replace_sources, compact_min_files=compact_min_files or None)
+        def run_batches(batches: Sequence[list[EncodeItem]]) -> Any:
+            parameters = [{"concepts_uri": concepts_uri, "store_uri": store_uri, "settings": settings,
+                           "batch": batch, "label": batch_label(batch[0].refs[0].concept_id,
+                                                                batch[-1].refs[-1].concept_id,
+                                                                sum(len(item.refs) for item in batch))}
+                          for batch in batches]
+            if ray_options is not None:
+                return session.run(encode_batch_task, parameters, want)
+            return run_bounded(encode_batch_task, parameters, concurrency)
+
+        report = encode_catalog(store_at(concepts_uri), table_at(store_uri), encoder, manifest=manifest,
+                                batch_size=batch_size, reports=store_at(store_uri), run_batches=run_batches,
+                                replace_sources=replace_sources, compact_min_files=compact_min_files or None)
     wall = report.seconds["wall"]
     publish("encode-concepts", "Encode concepts", {
         "done": report.done, "skipped (already stored)": report.skipped, "failed": len(report.failures),
