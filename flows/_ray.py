@@ -148,6 +148,18 @@ def _local_addresses() -> list[str]:
     return sorted(str(name) for name in names)
 
 
+def ray_device(devices: Sequence[str]) -> str:
+    """What a Ray batch asks for, from a flow's device setting(s): "cpu", "cuda" (any "cuda..." device: on a Ray
+    worker the GPU it was given is its cuda:0) or "auto" (a GPU when the cluster has any). Ray places each batch on
+    one device, so the devices named must all be of one kind."""
+    kinds = {"cpu" if d == "cpu" else "auto" if d == "auto" else "cuda" if d.startswith("cuda") else d
+             for d in devices}
+    if len(kinds) != 1 or not kinds <= {"cpu", "cuda", "auto"}:
+        raise InputError(f"with runner 'ray', devices must be all 'cpu' or all 'cuda...' (or 'auto'; Ray places "
+                         f"each batch on one device), got {list(devices)!r}")
+    return kinds.pop()
+
+
 def batch_resources(device: str, cluster: dict[str, float]) -> dict[str, float]:
     """The Ray resource request of one batch meant for `device` ("auto", "cpu", "cuda", "cuda:N") on a cluster
     with these total resources: one GPU where the batch wants one and the cluster has any, else one CPU."""

@@ -78,12 +78,15 @@ class _OneRemoteFunction:
         return lambda function: self._function(function, options)
 
     def _function(self, function: Any, options: dict[str, Any]) -> Any:
-        if function is not FlushingRayTaskRunner._run_prefect_task:
+        def make() -> Any:
             return self._ray.remote(**options)(function) if options else self._ray.remote(function)
+
+        if function is not FlushingRayTaskRunner._run_prefect_task:
+            return make()
         key = repr(sorted(options.items()))
         with self._lock:
             if key not in self._functions:
-                self._functions[key] = self._ray.remote(**options)(function) if options else self._ray.remote(function)
+                self._functions[key] = make()
             return self._functions[key]
 
 

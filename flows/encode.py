@@ -47,7 +47,7 @@ from flows._common import (
     store_at,
     table_at,
 )
-from flows._ray import RayOptions, check_runner, ray_session
+from flows._ray import RayOptions, check_runner, ray_device, ray_session
 
 
 @task(cache_policy=NO_CACHE, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_transient,
@@ -107,12 +107,12 @@ def encode_concepts(concepts_uri: str, store_uri: str, engine: str = "torch", on
     models = resolve_models(encoder_needs(engine), onnx_path=onnx_path, vision_model=vision_model,
                             global_mapper=global_mapper, local_mapper=local_mapper, pretrained_model=pretrained_model)
     with ExitStack() as stack:
+        want = ray_device([device]) if ray_options is not None else device
+        # on a Ray worker, the GPU it was given is its only one: cuda:0
+        settings = EncoderSettings(engine, models["onnx_path"], models["vision_model"], models["global_mapper"],
+                                   models["local_mapper"], models["pretrained_model"],
+                                   "cuda:0" if want == "cuda" else device, dtype)
         if ray_options is not None:
-            want = "cpu" if device == "cpu" else "auto" if device == "auto" else "cuda"
-            # on a Ray worker, the GPU it was given is its only one: cuda:0
-            settings = EncoderSettings(engine, models["onnx_path"], models["vision_model"], models["global_mapper"],
-                                       models["local_mapper"], models["pretrained_model"],
-                                       "cuda:0" if want == "cuda" else device, dtype)
             # one Ray job for the encoder's id and the batches: the worker that loaded the encoder keeps it
             session = stack.enter_context(ray_session(ray_options))
             [found] = list(session.run(encoder_identity_task, [{"settings": settings}], want))
@@ -120,8 +120,6 @@ def encode_concepts(concepts_uri: str, store_uri: str, engine: str = "torch", on
                 raise found
             encoder: Any = RemoteEncoder(*found)
         else:
-            settings = EncoderSettings(engine, models["onnx_path"], models["vision_model"], models["global_mapper"],
-                                       models["local_mapper"], models["pretrained_model"], device, dtype)
             encoder = cached_encoder(settings)
 
         def run_batches(batches: Sequence[list[EncodeItem]]) -> Any:

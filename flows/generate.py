@@ -46,7 +46,7 @@ from flows._common import (
     run_bounded,
     store_at,
 )
-from flows._ray import RayOptions, check_runner, in_ray_worker, run_on_ray, worker_devices
+from flows._ray import RayOptions, check_runner, in_ray_worker, ray_device, run_on_ray, worker_devices
 
 GPU_TAG = "elite-gpu"
 
@@ -78,19 +78,6 @@ def read_concept_ids(uri: str) -> list[str]:
     return ids
 
 
-def ray_device(devices: list[str] | None) -> str:
-    """What a Ray batch asks for, from the flow's `devices`: "cpu" when only the CPU is named, "cuda" when a GPU
-    is, else "auto" (a GPU when the cluster has any)."""
-    if not devices:
-        return "auto"
-    if all(d == "cpu" for d in devices):
-        return "cpu"
-    if all(d.startswith("cuda") for d in devices):
-        return "cuda"
-    raise InputError(f"with runner 'ray', devices must be all 'cpu' or all 'cuda...' (Ray places each batch on "
-                     f"one device), got {devices!r}")
-
-
 def gpu_tags() -> list[str]:
     """[GPU_TAG] when the Prefect API holds a concurrency limit for it, else []. Checked once per run."""
     try:
@@ -111,8 +98,8 @@ def generate_images(store_uri: str, prompts_uri: str | None, out_uri: str, pretr
                     ray_stall_timeout: float = 900.0) -> dict[str, Any]:
     """Every (stored concept, prompt, image) of the prompt file at `prompts_uri` (None: two default prompts) ->
     a PNG under `out_uri`. `concept_ids`: only these stored concepts (default: all; an asked id missing from the
-    store is a failure row); `concept_ids_uri`: the same, read from a text object with one id per line (for long
-    lists: a flow-run parameter is stored by the Prefect API). `devices`: the generation slots of this worker,
+    store is a failure row); `concept_ids_uri`: the same, read from an object (a JSON array, or one id per line; for
+    long lists: a flow-run parameter is stored by the Prefect API). `devices`: the generation slots of this worker,
     e.g. ["cuda:0", "cuda:1"]; with `runner="ray"`, "cpu" or "cuda" for what each batch asks Ray for.
     `runner`: "threads" (this worker's devices) or "ray" (the cluster at `ray_address`, default RAY_ADDRESS, else
     a local Ray; `ray_stall_timeout`: seconds with no batch finished before the unfinished ones become failures).
@@ -131,7 +118,7 @@ def generate_images(store_uri: str, prompts_uri: str | None, out_uri: str, pretr
                                   height, width, dtype)
     prompts, prompt_failures = load_prompts(prompts_uri)
     if ray_options is not None:
-        want = ray_device(devices)
+        want = ray_device(devices or ["auto"])
         slots = [f"ray:{want}"]  # for the report; each manifest row names the device its image was made on
     else:
         slots = list(devices) if devices else cuda_devices()
