@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -21,9 +22,9 @@ from elite.errors import EliteError, Failure, InputError, printable
 from elite.fileio import sha256_file
 from elite.jobs.common import check_output, check_readable
 from elite.jobs.export import export_embeddings
-from elite.jobs.models import GENERATOR_NEEDS, encoder_needs
+from elite.jobs.models import GENERATOR_NEEDS, encoder_needs, resolve_evaluation_models
 from elite.model.sampling import check_sampler
-from elite_cli.common import models_of, print_failures
+from elite_cli.common import evaluation_summary, models_of, print_failures
 from elite_cli.parser import build_parser
 from elite_cli.personalize import cmd_personalize
 from elite_cli.quiet import quiet_libraries
@@ -64,10 +65,11 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     args.quiet()
-    from elite.model.tiny import make_tiny_models
+    from elite.model.tiny import make_tiny_eval_models, make_tiny_models
 
-    paths = make_tiny_models(args.out_dir, seed=args.seed)
-    print(json.dumps({k: str(v) for k, v in paths.__dict__.items()}, indent=2))
+    paths = make_tiny_models(args.out_dir, seed=args.seed).__dict__
+    paths |= make_tiny_eval_models(f"{args.out_dir}/eval", seed=args.seed).__dict__
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
     return 0
 
 
@@ -134,6 +136,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 1 if report.failures else 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    models = resolve_evaluation_models(clip_model=args.clip_model, dino_model=args.dino_model)
+    args.quiet()
+    from elite.jobs.evaluate import EvaluationSettings, evaluate_run  # the model side: when needed
+
+    settings = EvaluationSettings(models["clip_model"], models["dino_model"], args.device, args.dtype,
+                                  args.class_word)
+    bars: list[Any] = []  # opened by the first finished batch: a run that cannot be read is one error line only
+
+    def progress(images: int) -> None:
+        if not bars:
+            bars.append(tqdm(desc="evaluating", unit="image"))
+        bars[0].update(images)
+
+    try:
+        report = evaluate_run(args.run, settings, store_uri=args.store, compare=args.compare,
+                              batch_size=args.batch_size, report_concepts=args.report_concepts, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    for run in (report.compare, report):
+        if run is not None:
+            print_failures(run.failures)
+            print(evaluation_summary(run))
+    return 1 if report.failures or (report.compare is not None and report.compare.failures) else 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     where = dict(args.where) if args.where else None
     manifest = export_embeddings(args.store, args.dest, args.format, concept_ids=args.concept, where=where,
@@ -147,7 +176,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "convert-checkpoint": cmd_convert, "export-onnx": cmd_export_onnx, "make-tiny-models": cmd_make_tiny,
-    "encode": cmd_encode, "generate": cmd_generate, "export": cmd_export, "personalize": cmd_personalize,
+    "encode": cmd_encode, "generate": cmd_generate, "evaluate": cmd_evaluate, "export": cmd_export,
+    "personalize": cmd_personalize,
     "store": cmd_store,
 }
 

@@ -19,6 +19,8 @@ MODEL_HELP = {
     "global_mapper": "global_mapper.pt of the release, or its safetensors conversion",
     "local_mapper": "local_mapper.pt of the release, or its safetensors conversion",
     "onnx_path": "ONNX encoder file for --engine onnx (written by `elite export-onnx`)",
+    "clip_model": "CLIP model of CLIP-T and CLIP-I (default: the paper's, openai/clip-vit-base-patch32)",
+    "dino_model": "DINO model of DINO-I (default: the paper's, facebook/dino-vits16)",
 }
 
 
@@ -96,7 +98,10 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--ray-stall-timeout", type=positive_float, default=900.0,
                    help="seconds with no batch finished on Ray before the unfinished ones become failures")
     p.add_argument("--timeout", type=float, help="fail the flow run after this many seconds (default: no limit)")
-    _models(p, "pretrained_model", "vision_model", "global_mapper", "local_mapper", "onnx_path")
+    p.add_argument("--evaluate", action="store_true", help="then evaluate the run's images (CLIP-T, CLIP-I, "
+                   "DINO-I) and write its report (docs/evaluation.md)")
+    _models(p, "pretrained_model", "vision_model", "global_mapper", "local_mapper", "onnx_path", "clip_model",
+            "dino_model")
 
     p = sub.add_parser("encode", formatter_class=Formatter, help="encode concept images into the embedding store",
                        description="Encode every concept of a folder or S3 prefix (N.jpg with an optional mask "
@@ -133,6 +138,29 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
                    "cuda:0 or a comma list (cuda:0,cuda:1)")
     _sampler(p)
     _models(p, "pretrained_model", "global_mapper", "local_mapper")
+
+    p = sub.add_parser("evaluate", formatter_class=Formatter, help="score a generation run (CLIP-T, CLIP-I, "
+                       "DINO-I) and write its report",
+                       description="Score every image of a generation run as in the paper: CLIP-T (image vs its "
+                                   "prompt with the class word in place of the placeholder), CLIP-I and DINO-I "
+                                   "(image vs the concept's source image). Writes per-image metrics, aggregates, "
+                                   "a failures table and a self-contained HTML report with a PNG summary beside "
+                                   "the run's manifest (docs/evaluation.md): the same job as the evaluate flow. "
+                                   "Exit status 1 when an image could not be evaluated.")
+    p.add_argument("run", help="a results manifest (IMAGES/_runs/generate-<time>.parquet) or an images folder "
+                               "(every image with a manifest row), local or s3://")
+    p.add_argument("--store", help="the embedding store of the run's concepts (default: the one its manifest "
+                                   "names, else OUT/embeddings beside OUT/images)")
+    p.add_argument("--compare", help="another run (manifest or folder), evaluated too and shown side by side")
+    p.add_argument("--batch-size", type=positive, default=32, help="images per metric-model call")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                   help="metric models' dtype: auto is float16 on CUDA, float32 on the CPU")
+    p.add_argument("--class-word", default="object",
+                   help="CLIP-T's word for concepts stored without a class_word")
+    p.add_argument("--report-concepts", type=non_negative, default=100,
+                   help="contact sheets for at most this many concepts (the tables hold every image)")
+    _models(p, "clip_model", "dino_model")
 
     p = sub.add_parser("export", formatter_class=Formatter, help="export stored embeddings to files",
                        description="Export the embedding store (all concepts, --concept ids, or --where metadata "
@@ -171,7 +199,9 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--pretrained-model", help="check against this SD repo's UNet layers instead of SD 1.x")
 
     p = sub.add_parser("make-tiny-models", formatter_class=Formatter,
-                       help="write tiny random models in the real layouts (offline)")
+                       help="write tiny random models in the real layouts (offline)",
+                       description="Tiny random SD 1.x, CLIP vision tower and mappers in OUT_DIR, and the metric "
+                                   "models (CLIP, DINO) in OUT_DIR/eval.")
     p.add_argument("out_dir", help="folder to write the models to")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     return parser

@@ -11,14 +11,15 @@ import argparse
 import logging
 import os
 import sys
+from types import SimpleNamespace
 
 from elite.data.prompts import load_prompts
 from elite.data.storage import embedding_table, open_store
 from elite.errors import EliteError, Failure, InputError
 from elite.jobs.common import check_output, check_readable
-from elite.jobs.models import GENERATOR_NEEDS, encoder_needs
+from elite.jobs.models import GENERATOR_NEEDS, encoder_needs, resolve_evaluation_models
 from elite.model.sampling import check_sampler
-from elite_cli.common import models_of, print_failures
+from elite_cli.common import evaluation_summary, models_of, print_failures
 
 # Prefect's ephemeral API starts in 7 s on an idle machine and took 13-32 s on a busy 2-core one, past Prefect's
 # 20 s default; a user's own setting wins.
@@ -83,7 +84,14 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         tiny_models = {name: str(getattr(tiny, name)) for name in ("pretrained_model", "vision_model",
                                                                    "global_mapper", "local_mapper")}
         steps, height, width = steps or 4, height or 64, width or 64
+        if args.evaluate:
+            from elite.model.tiny import make_tiny_eval_models
+
+            tiny_eval = make_tiny_eval_models(f"{args.tiny_dir}/eval")
+            tiny_models |= {"clip_model": str(tiny_eval.clip_model), "dino_model": str(tiny_eval.dino_model)}
     models = models_of(args, GENERATOR_NEEDS + encoder_needs(args.engine), **tiny_models)
+    if args.evaluate:
+        models |= resolve_evaluation_models(clip_model=models["clip_model"], dino_model=models["dino_model"])
     for name, value in PREFECT_DEFAULTS:  # before Prefect is first imported
         os.environ.setdefault(name, value)
     try:
@@ -105,7 +113,8 @@ def cmd_personalize(args: argparse.Namespace) -> int:
             compact_min_files=args.compact_min_files or None, runner=args.runner, ray_address=args.ray_address,
             ray_stall_timeout=args.ray_stall_timeout, pretrained_model=models["pretrained_model"],
             vision_model=models["vision_model"],
-            global_mapper=models["global_mapper"], local_mapper=models["local_mapper"], onnx_path=models["onnx_path"])
+            global_mapper=models["global_mapper"], local_mapper=models["local_mapper"], onnx_path=models["onnx_path"],
+            evaluate=args.evaluate, clip_model=models["clip_model"], dino_model=models["dino_model"])
     except EliteError:
         raise
     except Exception as err:  # Prefect could not start, the run timed out, or a bug: one line unless --verbose
@@ -124,4 +133,6 @@ def cmd_personalize(args: argparse.Namespace) -> int:
           + (f"\n  manifest: {report['manifest_uri']}" if report["manifest_uri"] else "")
           + (f"\n  failures: {report['failures_uri']}" if report["failures_uri"] else "")
           + ("\n  (tiny random models: the images are noise-like by design)" if args.tiny else ""))
+    if report["evaluation"]:
+        print(evaluation_summary(SimpleNamespace(**report["evaluation"])))
     return 1 if report["failed"] else 0

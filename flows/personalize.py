@@ -26,10 +26,11 @@ from prefect import flow
 from elite.data.store import COMPACT_MIN_FILES
 from elite.errors import Failure
 from elite.jobs.common import put_failures, run_stamp
-from elite.jobs.models import GENERATOR_NEEDS, encoder_needs, resolve_models
+from elite.jobs.models import GENERATOR_NEEDS, encoder_needs, resolve_evaluation_models, resolve_models
 from flows._common import capture_library_logs, publish, store_at
 from flows._ray import check_runner
 from flows.encode import encode_concepts
+from flows.evaluate import evaluate_run
 from flows.generate import generate_images
 
 
@@ -48,18 +49,23 @@ def personalize_catalog(concepts_uri: str, prompts_uri: str | None, out_uri: str
                         dtype: str = "auto", encode_device: str = "auto",
                         replace_sources: bool = False,
                         compact_min_files: int | None = COMPACT_MIN_FILES, runner: str = "threads",
-                        ray_address: str | None = None, ray_stall_timeout: float = 900.0) -> dict[str, Any]:
+                        ray_address: str | None = None, ray_stall_timeout: float = 900.0, evaluate: bool = False,
+                        clip_model: str | None = None, dino_model: str | None = None) -> dict[str, Any]:
     """Encode the new concepts of `concepts_uri` (a folder, or the `manifest` key in it), then generate every
     image of the prompt file at `prompts_uri` (None: two default prompts) that the catalog's concepts lack, under
     `out_uri`/images. The encode step compacts the embedding table once `compact_min_files` small files have
     piled up (None or 0: never). `runner` "ray" runs both steps' batches on the Ray cluster at `ray_address`
-    (default RAY_ADDRESS, else a local Ray; flows/_ray.py), "threads" on this worker."""
+    (default RAY_ADDRESS, else a local Ray; flows/_ray.py), "threads" on this worker. `evaluate`: then score the
+    images this run generated (the evaluate-run flow: CLIP-T, CLIP-I, DINO-I with `clip_model` / `dino_model`, else
+    $ELITE_CLIP_MODEL / $ELITE_DINO_MODEL, else the paper's) and publish its report as artifacts."""
     started = time.perf_counter()
     capture_library_logs()
     check_runner(runner)
     models = resolve_models(GENERATOR_NEEDS + encoder_needs(engine), pretrained_model=pretrained_model,
                             vision_model=vision_model, global_mapper=global_mapper, local_mapper=local_mapper,
                             onnx_path=onnx_path)
+    if evaluate:  # the metric models are checked before any work, as the others
+        models |= resolve_evaluation_models(clip_model=clip_model, dino_model=dino_model)
     store_uri = store_uri or join_uri(out_uri, "embeddings")
     images_uri = join_uri(out_uri, "images")
     encoded = encode_concepts(concepts_uri, store_uri, engine=engine, onnx_path=models["onnx_path"],
@@ -85,7 +91,12 @@ def personalize_catalog(concepts_uri: str, prompts_uri: str | None, out_uri: str
     else:  # no concept of the catalog is stored (all failed, or none listed): nothing to generate, no flow run
         generated = {"generated": 0, "skipped": 0, "failures": [], "manifest_uri": None,
                      "seconds": {"model": 0.0, "io": 0.0}}
+    evaluation = None
+    if evaluate and generated["manifest_uri"]:
+        evaluation = evaluate_run(generated["manifest_uri"], store_uri=store_uri, clip_model=models["clip_model"],
+                                  dino_model=models["dino_model"], device=encode_device, dtype=dtype)
     failures = [Failure(**row) for row in encoded["failures"] + generated["failures"]]
+    failures += [Failure(**row) for row in evaluation["failures"]] if evaluation else []
     failures_uri = put_failures(store_at(out_uri), f"_runs/personalize-{stamp}-failures.parquet", failures)
     seconds = time.perf_counter() - started
     report: dict[str, Any] = {
@@ -94,12 +105,13 @@ def personalize_catalog(concepts_uri: str, prompts_uri: str | None, out_uri: str
         "failures": [f.row() for f in failures], "failures_uri": failures_uri, "store_uri": store_uri,
         "images_uri": images_uri, "manifest_uri": generated["manifest_uri"], "encoder_id": encoded["encoder_id"],
         "seconds": {kind: encoded["seconds"].get(kind, 0.0) + generated["seconds"].get(kind, 0.0)
-                    for kind in ("model", "io")} | {"wall": seconds}}
+                    for kind in ("model", "io")} | {"wall": seconds}, "evaluation": evaluation}
     publish("personalize-catalog", "Personalize catalog", {
         "concepts encoded": encoded["done"], "concepts already stored": encoded["skipped"],
         "images generated": generated["generated"], "images already written": generated["skipped"],
         "failed": len(failures), "wall time": f"{seconds:.1f} s",
         "throughput": f"{generated['generated'] / seconds:.2f} images/s"},
         {"images": images_uri, "embedding store": store_uri, "results manifest": generated["manifest_uri"],
-         "failures": failures_uri}, [])  # the subflows published their failures already
+         "evaluation report": evaluation["report_uri"] if evaluation else None, "failures": failures_uri},
+        [])  # the subflows published their failures already
     return report

@@ -13,5 +13,11 @@ step "lint (ruff check)"
 .venv/bin/ruff check elite elite_cli flows tests benchmarks
 step "types (mypy)"
 .venv/bin/mypy elite elite_cli flows
+step "browser (Debian's chromium, for the report's page checks in tests/browser.py)"
+if [ -z "${ELITE_CHROMIUM:-}" ] && [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+  as_root=(env DEBIAN_FRONTEND=noninteractive); [ "$(id -u)" -eq 0 ] || as_root=(sudo -n "${as_root[@]}")
+  "${as_root[@]}" apt-get install -y -q chromium \
+    || { "${as_root[@]}" apt-get update -q && "${as_root[@]}" apt-get install -y -q chromium; }
+fi
 step "tests (pytest${*:+ $*})"
 .venv/bin/python -m pytest "$@"

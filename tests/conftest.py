@@ -26,7 +26,7 @@ from elite.model.onnx_export import (
     export_concept_encoder,
 )
 from elite.model.pipeline import ElitePipeline
-from elite.model.tiny import TinyModels, make_tiny_models
+from elite.model.tiny import TinyEvalModels, TinyModels, make_tiny_eval_models, make_tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "int8", "fp16")
@@ -44,6 +44,12 @@ def concepts_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     return make_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_models(tmp_path_factory: pytest.TempPathFactory) -> TinyEvalModels:
+    """Tiny CLIP and DINO in the hub layouts, for the metrics (elite.evaluation)."""
+    return make_tiny_eval_models(tmp_path_factory.mktemp("tiny-eval-models"))
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from elite.data.store import EmbeddingStore
 from elite.errors import Failure, InputError, StorageError, TransientStorageError
 from elite.fileio import sha256_file
 from elite.jobs.encode import EncoderSettings, cached_encoder, encode_catalog
-from elite.model.tiny import TinyModels
+from elite.model.tiny import TinyEvalModels, TinyModels
 from elite_cli.main import main
 
 if TYPE_CHECKING:
@@ -155,7 +155,8 @@ def s3_env(s3_server: MotoS3, monkeypatch: pytest.MonkeyPatch) -> str:
     return f"s3://{s3_server.bucket}/{uuid.uuid4().hex}"
 
 
-def test_every_cli_command_takes_s3_uris(tiny_models: TinyModels, concepts_dir: Path, s3_env: str, tmp_path: Path,
+def test_every_cli_command_takes_s3_uris(tiny_models: TinyModels, tiny_eval_models: TinyEvalModels,
+                                         concepts_dir: Path, s3_env: str, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # nothing may land in a local folder named "s3:"
     catalog = open_store(f"{s3_env}/catalog")
@@ -170,6 +171,11 @@ def test_every_cli_command_takes_s3_uris(tiny_models: TinyModels, concepts_dir: 
                  *_models(tiny_models, vision=False)]) == 0
     keys = [info.key for info in open_store(f"{s3_env}/images").list()]
     assert len([k for k in keys if k.endswith(".png")]) == 4 and sum(k.startswith("_runs/generate-") for k in keys) == 1
+    assert main(["evaluate", f"{s3_env}/images", "--clip-model", str(tiny_eval_models.clip_model), "--dino-model",
+                 str(tiny_eval_models.dino_model), "--device", "cpu"]) == 0  # the store: named by the manifest
+    evaluated = [k for k in (info.key for info in open_store(f"{s3_env}/images").list("_runs/")) if "evaluate-" in k]
+    assert sorted(k.rsplit("-", 1)[1] for k in evaluated) == ["aggregates.parquet", "metrics.parquet", "report.html",
+                                                              "report.png"]
     assert main(["export", f"{s3_env}/embeddings", f"{s3_env}/export", "--format", "numpy"]) == 0
     assert open_store(f"{s3_env}/export").exists("manifest.json")
     assert list(tmp_path.iterdir()) == []

@@ -1,7 +1,8 @@
 """Prompt plans: which images to generate for which concepts, with reproducible seeds and output keys.
 
     read_prompts(data, name)                 PromptSpecs from a .txt, .jsonl or .csv prompt file
-    load_prompts(uri)                        the same from a path or URI, bad lines as failures
+    load_prompts(uri)                        the same from a path or URI, bad lines as failures, or a packaged set
+                                             by name (PACKAGED_PROMPTS: dreambench, dreambench:object, ...)
     plan_work(concepts, prompts, base_seed)  one WorkItem per (concept, prompt, image index) that applies
     batch_work(items, batch_size)            WorkItems in batches that keep a concept's images together
 
@@ -19,6 +20,8 @@ import posixpath
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -27,13 +30,17 @@ from elite.data.storage import open_object
 from elite.errors import Failure, InputError
 from elite.model.placeholders import placeholder_pattern
 
-__all__ = ["DEFAULT_PROMPTS", "PromptSpec", "WorkItem", "batch_work", "derive_seed", "load_prompts", "plan_work",
-           "read_prompts"]
+__all__ = ["DEFAULT_PROMPTS", "PACKAGED_PROMPTS", "PromptSpec", "WorkItem", "batch_work", "derive_seed",
+           "load_prompts", "packaged_prompts", "plan_work", "read_prompts"]
 
 # Images per prompt and concept: a plan is built up front, so 50,000,000 would exhaust memory minutes later
 MAX_IMAGES = 1000
 DEFAULT_PROMPTS = ("a photo of a S on the beach", "a painting of a S in the style of van gogh")
 PROMPT_FIELDS = ("template", "prompt", "images", "concept_id", "class_word", "seeds")
+# Prompt sets shipped in the package, named where a prompt file's path would go (docs/dreambench.md): the DreamBench
+# sets, read by elite.evaluation.dreambench too. "dreambench" is "dreambench:all" (each subject's own 25 prompts).
+PACKAGED_PROMPTS = {"dreambench": "all.csv", "dreambench:all": "all.csv", "dreambench:object": "object.txt",
+                    "dreambench:live": "live.txt"}
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,7 @@ class WorkItem:
     index: int  # image number within (concept, prompt), from 0
     seed: int
     output_key: str  # <concept_id>/<sha1(template)[:10]>-i<index>-s<seed>.png
+    placeholder: str = "S"  # the word of `prompt` bound to the concept
 
 
 # ---- prompt files --------------------------------------------------------------------------------
@@ -180,11 +188,28 @@ def _prompt_spec(row: Mapping[str, Any]) -> PromptSpec:
                       row.get("class_word") or None, None if seeds is None else tuple(seeds))
 
 
+def packaged_prompts(name: str) -> Traversable:
+    """The file of a packaged prompt set, e.g. 'dreambench:live' (PACKAGED_PROMPTS); another name is an InputError
+    listing them."""
+    if name not in PACKAGED_PROMPTS:
+        raise InputError(f"unknown prompt set {name!r}; the packaged ones are {', '.join(PACKAGED_PROMPTS)}")
+    return resources.files("elite") / "evaluation" / "dreambench_data" / PACKAGED_PROMPTS[name]
+
+
 def load_prompts(uri: str | None) -> tuple[list[PromptSpec], list[Failure]]:
     """The prompt file at a path or URI (.txt, .jsonl, .csv; docs/inputs.md), bad lines as failures; None: the
-    two default prompts. A file without a single usable prompt is an InputError: it would generate nothing."""
+    two default prompts. A file without a single usable prompt is an InputError: it would generate nothing.
+
+    `dreambench`, `dreambench:all`, `dreambench:object` and `dreambench:live` name the packaged DreamBench sets
+    (PACKAGED_PROMPTS), so no file is needed; `dreambench:<other>` is an InputError. These names take precedence
+    over a local file so named, an unlikely clash (a prompt file has a suffix): read a file `dreambench:x.txt` as
+    `./dreambench:x.txt`.
+    """
     if uri is None:
         return [PromptSpec(p) for p in DEFAULT_PROMPTS], []
+    if uri.partition(":")[0] == "dreambench":  # a packaged set, or a misspelt one
+        resource = packaged_prompts(uri)
+        return read_prompts(resource.read_bytes(), str(resource)), []
     store, key = open_object(uri)
     specs, failures = read_prompts(store.get(key), store.uri(key), strict=False)
     if not specs:
@@ -220,7 +245,7 @@ def plan_work(concepts: Sequence[ConceptRef], prompts: Sequence[PromptSpec], bas
                                      f"image {index} of concept {concept.concept_id!r} with seed {seed}; "
                                      "drop one or give it other seeds")
                 seen[key] = spec
-                items.append(WorkItem(concept.concept_id, spec.template, index, seed, key))
+                items.append(WorkItem(concept.concept_id, spec.template, index, seed, key, spec.placeholder))
     return items
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import hashlib
 import io
+import mimetypes
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -228,10 +229,20 @@ class S3Store:
         else:
             source = source_file(data, self.uri(key))
             digest, opener = sha256_file(source), lambda: open(source, "rb")
+        extra: dict[str, Any] = {"Metadata": {SHA256_METADATA: digest}}
+        content_type = mimetypes.guess_type(key)[0]
+        if content_type:  # a report or an image opened from the bucket shows in the browser, not as a download
+            extra["ContentType"] = content_type + ("; charset=utf-8" if content_type.startswith("text/") else "")
         # upload_fileobj, not upload_file: upload_file replaces the ClientError (and its code) by a message
         with self._errors(key, "write"), opener() as handle:
-            self.client.upload_fileobj(handle, self.bucket, target, Config=self._transfer,
-                                        ExtraArgs={"Metadata": {SHA256_METADATA: digest}})
+            self.client.upload_fileobj(handle, self.bucket, target, Config=self._transfer, ExtraArgs=extra)
+
+    def presigned_url(self, key: str, seconds: int = 7 * 24 * 3600) -> str:
+        """An HTTPS URL that reads `key` without credentials for `seconds` (SigV4 allows at most 7 days), signed
+        here with this store's credentials: no request is made."""
+        with self._errors(key, "sign"):
+            return str(self.client.generate_presigned_url("get_object", ExpiresIn=seconds,
+                                                          Params={"Bucket": self.bucket, "Key": self._key(key)}))
 
     def exists(self, key: str) -> bool:
         with self._errors(key, "check"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import json
 import logging
 import queue
 import re
@@ -34,6 +35,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 import elite
 from elite.data.objects import ObjectStore
@@ -97,6 +99,8 @@ MANIFEST_SCHEMA = pa.schema([
     pa.field("text_encoder_sha256", pa.string()), pa.field("global_mapper_sha256", pa.string()),
     pa.field("local_mapper_sha256", pa.string()), pa.field("elite_version", pa.string()),
     pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    pa.field("placeholder", pa.string()),  # the prompt's word bound to the concept (added after the first release)
+    pa.field("store_uri", pa.string()),  # the embedding store the concept came from (idem)
 ])
 
 
@@ -203,9 +207,10 @@ _RUN_FILE = re.compile(r"generate-([0-9TZ]+)\.parquet")
 _BATCH_FILE = re.compile(r"generate-([0-9TZ]+)/batch-\d+\.parquet")
 
 
-def recorded_outputs(out: ObjectStore) -> set[str]:
-    """Output keys with a results-manifest row: every run's file, and the batch files of runs that did not finish.
-    Batch files of a run whose own file exists (it was stopped while dropping them) are dropped here."""
+def manifest_keys(out: ObjectStore, *, tidy: bool = False) -> list[str]:
+    """The results-manifest files under `out`: every run's file, then the batch files of runs that did not finish
+    (a run killed midway). Batch files of a run whose own file exists (it was stopped while dropping them) are
+    left out, and deleted when `tidy`."""
     runs, batches = set(), []
     for info in out.list(MANIFESTS):
         name = info.key[len(MANIFESTS):]
@@ -213,10 +218,16 @@ def recorded_outputs(out: ObjectStore) -> set[str]:
             runs.add(match.group(1))
         elif match := _BATCH_FILE.fullmatch(name):
             batches.append((match.group(1), info.key))
-    for stamp in {stamp for stamp, _ in batches if stamp in runs}:
-        _drop_batch_files(out, stamp)
+    if tidy:
+        for stamp in {stamp for stamp, _ in batches if stamp in runs}:
+            _drop_batch_files(out, stamp)
     keys = [f"{MANIFESTS}generate-{stamp}.parquet" for stamp in sorted(runs)]
-    keys += [key for stamp, key in batches if stamp not in runs]
+    return keys + sorted(key for stamp, key in batches if stamp not in runs)
+
+
+def recorded_outputs(out: ObjectStore) -> set[str]:
+    """Output keys with a results-manifest row (`manifest_keys`, tidying stale batch files)."""
+    keys = manifest_keys(out, tidy=True)
 
     def output_keys(key: str) -> list[str]:
         table = pq.read_table(io.BytesIO(out.get(key)), columns=["output_key"])
@@ -284,11 +295,12 @@ def generate_batch(embeddings: AnyEmbeddingStore, out: ObjectStore, settings: Ge
     now = datetime.datetime.now(datetime.UTC)
     common = {**asdict(settings), **loaded.hashes, "dtype": loaded.dtype, "seconds": seconds, "device": device,
               "slot": slot, "batch_size": len(batch) if not bad else 1, "created_at": now,
-              "scheduler": type(loaded.pipe.scheduler).__name__, "elite_version": elite.__version__}
+              "scheduler": type(loaded.pipe.scheduler).__name__, "elite_version": elite.__version__,
+              "store_uri": embeddings.storage.uri()}
     rows = []
     for item, image in done:
         with clock.time("model"):
-            data = png_bytes(image)
+            data = png_bytes(image, png_text(item, settings, loaded, common["scheduler"]))
         with clock.time("io"):
             out.put(item.output_key, data)
         rows.append({**asdict(item), **common, "output_uri": out.uri(item.output_key), "sha256": sha256_bytes(data)})
@@ -306,16 +318,39 @@ def _batch_rows(out: ObjectStore, batch: GenerateBatch) -> list[dict[str, Any]]:
 
 def _generate(pipe: ElitePipeline, settings: GenerationSettings, items: Sequence[WorkItem],
               concepts: dict[str, ConceptEmbedding]) -> list[Image.Image]:
-    images = pipe([i.prompt for i in items], [concepts[i.concept_id] for i in items], seed=[i.seed for i in items],
+    images = pipe([i.prompt for i in items], [{i.placeholder: concepts[i.concept_id]} for i in items],
+                  seed=[i.seed for i in items],
                   lambda_local=settings.lambda_local, guidance_scale=settings.guidance_scale,
                   num_inference_steps=settings.steps, height=settings.height, width=settings.width,
                   show_progress=False).images
     return list(images)  # output_type "pil": a list of images
 
 
-def png_bytes(image: Image.Image) -> bytes:
+PNG_SETTINGS = ("pretrained_model", "global_mapper", "local_mapper", "encoder_id", "steps", "guidance_scale",
+                "lambda_local", "height", "width")
+
+
+def png_text(item: WorkItem, settings: GenerationSettings, loaded: LoadedPipeline, scheduler: str) -> dict[str, str]:
+    """What a PNG carries about itself (tEXt chunks, shown by image viewers and `PIL.Image.open(f).text`): the
+    prompt, seed and the settings that made it. Nothing that differs between two runs of the same plan (time,
+    device), so a rerun writes the same bytes."""
+    settings_json = {name: getattr(settings, name) for name in PNG_SETTINGS}
+    settings_json |= {"dtype": loaded.dtype, "scheduler": scheduler, **loaded.hashes}
+    return {"prompt": item.prompt, "placeholder": item.placeholder, "concept_id": item.concept_id,
+            "index": str(item.index), "seed": str(item.seed),
+            "elite": json.dumps(settings_json, sort_keys=True), "Software": f"elite {elite.__version__}"}
+
+
+def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    """`image` as PNG, with `text` as tEXt chunks (iTXt where a value is not Latin-1)."""
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        if value.isascii():
+            info.add_text(key, value)
+        else:  # tEXt is Latin-1 only: a prompt or concept id in another script goes in UTF-8 iTXt
+            info.add_itxt(key, value)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
 
 

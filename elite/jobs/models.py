@@ -11,10 +11,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from elite.errors import InputError
+from elite.evaluation import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 
 MODEL_ENV = {"pretrained_model": "ELITE_PRETRAINED_MODEL", "vision_model": "ELITE_VISION_MODEL",
              "global_mapper": "ELITE_GLOBAL_MAPPER", "local_mapper": "ELITE_LOCAL_MAPPER",
-             "onnx_path": "ELITE_ONNX_ENCODER"}
+             "onnx_path": "ELITE_ONNX_ENCODER", "clip_model": "ELITE_CLIP_MODEL", "dino_model": "ELITE_DINO_MODEL"}
 FILES = ("global_mapper", "local_mapper", "onnx_path")  # always local files; the other two may be hub ids
 
 
@@ -50,3 +51,16 @@ def encoder_needs(engine: str) -> tuple[str, ...]:
 
 
 GENERATOR_NEEDS = ("pretrained_model", "global_mapper", "local_mapper")
+
+
+EVALUATION_NEEDS = ("clip_model", "dino_model")
+
+
+def resolve_evaluation_models(environ: Mapping[str, str] | None = None, **given: str | None) -> dict[str, str]:
+    """The metric models (elite.evaluation.metrics): given, else $ELITE_CLIP_MODEL / $ELITE_DINO_MODEL, else the
+    paper's (CLIP ViT-B/32, DINO ViT-S/16 from the hub); a local folder named must exist."""
+    environ = os.environ if environ is None else environ
+    defaults = {"clip_model": DEFAULT_CLIP_MODEL, "dino_model": DEFAULT_DINO_MODEL}
+    chosen = {name: given.get(name) or environ.get(MODEL_ENV[name]) or defaults[name] for name in EVALUATION_NEEDS}
+    models = resolve_models(EVALUATION_NEEDS, {}, **chosen)
+    return {name: str(models[name]) for name in EVALUATION_NEEDS}

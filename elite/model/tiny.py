@@ -16,7 +16,19 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    ViTConfig,
+    ViTImageProcessor,
+    ViTModel,
+)
 
 from elite.model.mappers import GlobalMapper, LocalMapper, MapperConfig, cross_attention_layers
 
@@ -115,4 +127,40 @@ def make_tiny_models(out_dir: str | os.PathLike[str], seed: int = 0) -> TinyMode
             to_k.weight.data.copy_(host.to_k.weight.data)
             to_v.weight.data.copy_(host.to_v.weight.data)
         torch.save(mapper.state_dict(), path)  # the release's format: a pickled plain state dict
+    return paths
+
+
+@dataclass(frozen=True)
+class TinyEvalModels:
+    clip_model: Path  # CLIPModel + image processor + tokenizer, as openai/clip-vit-base-patch32 ships
+    dino_model: Path  # ViTModel + image processor, as facebook/dino-vits16 ships
+
+
+EVAL_IMAGE_SIZE = 32
+
+
+def make_tiny_eval_models(out_dir: str | os.PathLike[str], seed: int = 0) -> TinyEvalModels:
+    """Tiny random metric models (elite.evaluation.metrics) in the hub layouts: a CLIP with both towers, its
+    CLIPImageProcessor (short-side resize, centre crop) and tokenizer, and a DINO ViT with its ViTImageProcessor
+    (square resize, ImageNet normalisation)."""
+    out = Path(out_dir)
+    paths = TinyEvalModels(out / "clip", out / "dino")
+    paths.clip_model.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tokenizer_files(paths.clip_model)
+    tokenizer = CLIPTokenizer.from_pretrained(paths.clip_model)
+    torch.manual_seed(seed)
+    CLIPModel(CLIPConfig(
+        text_config={"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "max_position_embeddings": 77, "bos_token_id": tokenizer.bos_token_id,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": EVAL_IMAGE_SIZE, "patch_size": 8},
+        projection_dim=16)).save_pretrained(paths.clip_model)
+    square = {"height": EVAL_IMAGE_SIZE, "width": EVAL_IMAGE_SIZE}
+    CLIPImageProcessor(size={"shortest_edge": EVAL_IMAGE_SIZE}, crop_size=square).save_pretrained(paths.clip_model)
+    ViTModel(ViTConfig(hidden_size=24, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=EVAL_IMAGE_SIZE, patch_size=8), add_pooling_layer=False).save_pretrained(
+        paths.dino_model)
+    ViTImageProcessor(size=square, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(
+        paths.dino_model)
     return paths
