@@ -102,11 +102,8 @@ def _prompts(args: argparse.Namespace) -> tuple[list[PromptSpec], list[Failure]]
     if args.prompt and args.prompts:
         raise InputError("give --prompt (repeatable) or --prompts FILE, not both")
     if args.prompt:
-        return [PromptSpec(p, args.images_per_prompt, placeholder=args.placeholder) for p in args.prompt], []
-    specs, failures = load_prompts(args.prompts)
-    if args.images_per_prompt != 1 and args.prompts is None:
-        specs = [PromptSpec(s.template, args.images_per_prompt) for s in specs]
-    return specs, failures
+        return [PromptSpec(p, args.images_per_prompt or 1, placeholder=args.placeholder) for p in args.prompt], []
+    return load_prompts(args.prompts, args.images_per_prompt)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

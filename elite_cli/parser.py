@@ -85,6 +85,7 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--tiny-dir", default="outputs/tiny-models", help="where --tiny writes its models")
     _encoder(p, "--encode-device")
     _sampler(p, tiny_defaults=True)
+    _images_per_prompt(p)
     p.add_argument("--batch-size", type=positive, default=4, help="images per generation task")
     p.add_argument("--encode-batch-size", type=positive, default=8, help="concepts per encoding task")
     _compaction(p)
@@ -130,7 +131,7 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="a prompt with the placeholder (repeatable; "
                    "instead of --prompts)")
     p.add_argument("--placeholder", default="S", help="the placeholder word of --prompt prompts")
-    p.add_argument("--images-per-prompt", type=int, default=1, help="images per concept and --prompt prompt")
+    _images_per_prompt(p)
     p.add_argument("--concept", action="append", default=None, help="only this concept id (repeatable)")
     p.add_argument("--encoder-id", help="read the embeddings of this encoder (needed when several stored them)")
     p.add_argument("--batch-size", type=positive, default=4, help="images per pipeline call")
@@ -205,6 +206,11 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="folder to write the models to")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     return parser
+
+
+def _images_per_prompt(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images-per-prompt", type=positive, help="images per concept and prompt, for every prompt "
+                        "(default: each prompt-file line's `images`, else 1)")
 
 
 def _compaction(parser: argparse.ArgumentParser) -> None:

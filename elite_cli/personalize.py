@@ -33,7 +33,7 @@ def check_inputs(args: argparse.Namespace) -> None:
     check_readable(source, "concepts")
     if args.manifest is not None and not source.exists(args.manifest):
         raise InputError(f"manifest {source.uri(args.manifest)}: no such file")
-    load_prompts(args.prompts)  # readable, and at least one usable prompt
+    load_prompts(args.prompts, args.images_per_prompt)  # readable, at least one usable prompt, seeds that fit
     for where in (args.out, args.store):
         if where is not None:
             check_output(open_store(where))  # a valid location; an S3 one must answer (bucket, credentials, endpoint)
@@ -114,7 +114,8 @@ def cmd_personalize(args: argparse.Namespace) -> int:
             ray_stall_timeout=args.ray_stall_timeout, pretrained_model=models["pretrained_model"],
             vision_model=models["vision_model"],
             global_mapper=models["global_mapper"], local_mapper=models["local_mapper"], onnx_path=models["onnx_path"],
-            evaluate=args.evaluate, clip_model=models["clip_model"], dino_model=models["dino_model"])
+            images_per_prompt=args.images_per_prompt, evaluate=args.evaluate, clip_model=models["clip_model"],
+            dino_model=models["dino_model"])
     except EliteError:
         raise
     except Exception as err:  # Prefect could not start, the run timed out, or a bug: one line unless --verbose

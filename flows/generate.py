@@ -95,7 +95,7 @@ def generate_images(store_uri: str, prompts_uri: str | None, out_uri: str, pretr
                     lambda_local: float = 0.8, height: int = 512, width: int = 512, batch_size: int = 4,
                     base_seed: int = 0, devices: list[str] | None = None, dtype: str = "auto",
                     concept_ids_uri: str | None = None, runner: str = "threads", ray_address: str | None = None,
-                    ray_stall_timeout: float = 900.0) -> dict[str, Any]:
+                    ray_stall_timeout: float = 900.0, images_per_prompt: int | None = None) -> dict[str, Any]:
     """Every (stored concept, prompt, image) of the prompt file at `prompts_uri` (None: two default prompts) ->
     a PNG under `out_uri`. `concept_ids`: only these stored concepts (default: all; an asked id missing from the
     store is a failure row); `concept_ids_uri`: the same, read from an object (a JSON array, or one id per line; for
@@ -103,6 +103,7 @@ def generate_images(store_uri: str, prompts_uri: str | None, out_uri: str, pretr
     e.g. ["cuda:0", "cuda:1"]; with `runner="ray"`, "cpu" or "cuda" for what each batch asks Ray for.
     `runner`: "threads" (this worker's devices) or "ray" (the cluster at `ray_address`, default RAY_ADDRESS, else
     a local Ray; `ray_stall_timeout`: seconds with no batch finished before the unfinished ones become failures).
+    `images_per_prompt`: images per concept for every prompt (default: each prompt line's `images`, else 1).
     Models left out come from ELITE_* variables. Returns the job's report (GenerateReport) as a dict."""
     capture_library_logs()
     check_runner(runner)
@@ -116,7 +117,7 @@ def generate_images(store_uri: str, prompts_uri: str | None, out_uri: str, pretr
     settings = GenerationSettings(str(models["pretrained_model"]), str(models["global_mapper"]),
                                   str(models["local_mapper"]), encoder_id, steps, guidance_scale, lambda_local,
                                   height, width, dtype)
-    prompts, prompt_failures = load_prompts(prompts_uri)
+    prompts, prompt_failures = load_prompts(prompts_uri, images_per_prompt)
     if ray_options is not None:
         want = ray_device(devices or ["auto"])
         slots = [f"ray:{want}"]  # for the report; each manifest row names the device its image was made on

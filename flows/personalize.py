@@ -49,12 +49,14 @@ def personalize_catalog(concepts_uri: str, prompts_uri: str | None, out_uri: str
                         dtype: str = "auto", encode_device: str = "auto",
                         replace_sources: bool = False,
                         compact_min_files: int | None = COMPACT_MIN_FILES, runner: str = "threads",
-                        ray_address: str | None = None, ray_stall_timeout: float = 900.0, evaluate: bool = False,
+                        ray_address: str | None = None, ray_stall_timeout: float = 900.0,
+                        images_per_prompt: int | None = None, evaluate: bool = False,
                         clip_model: str | None = None, dino_model: str | None = None) -> dict[str, Any]:
     """Encode the new concepts of `concepts_uri` (a folder, or the `manifest` key in it), then generate every
     image of the prompt file at `prompts_uri` (None: two default prompts) that the catalog's concepts lack, under
     `out_uri`/images. The encode step compacts the embedding table once `compact_min_files` small files have
-    piled up (None or 0: never). `runner` "ray" runs both steps' batches on the Ray cluster at `ray_address`
+    piled up (None or 0: never). `images_per_prompt`: images per concept for every prompt (default: each prompt
+    line's `images`, else 1). `runner` "ray" runs both steps' batches on the Ray cluster at `ray_address`
     (default RAY_ADDRESS, else a local Ray; flows/_ray.py), "threads" on this worker. `evaluate`: then score the
     images this run generated (the evaluate-run flow: CLIP-T, CLIP-I, DINO-I with `clip_model` / `dino_model`, else
     $ELITE_CLIP_MODEL / $ELITE_DINO_MODEL, else the paper's) and publish its report as artifacts."""
@@ -87,7 +89,7 @@ def personalize_catalog(concepts_uri: str, prompts_uri: str | None, out_uri: str
                                     steps=steps,
                                     guidance_scale=guidance_scale, lambda_local=lambda_local, height=height,
                                     width=width, batch_size=generate_batch_size, base_seed=base_seed,
-                                    devices=devices, dtype=dtype)
+                                    devices=devices, dtype=dtype, images_per_prompt=images_per_prompt)
     else:  # no concept of the catalog is stored (all failed, or none listed): nothing to generate, no flow run
         generated = {"generated": 0, "skipped": 0, "failures": [], "manifest_uri": None,
                      "seconds": {"model": 0.0, "io": 0.0}}

@@ -336,3 +336,18 @@ def test_the_flows_publish_the_report_and_the_aggregates(prefect_harness: None, 
         "overall", "concept", "prompt"}
     overall = next(r for r in rows if r["level"] == "overall")
     assert overall["images"] == 4 and -1 <= overall["clip_i"] <= 1
+
+
+def test_a_custom_placeholder_reaches_the_pipeline_and_clip_t(run: Path, tiny_models: TinyModels,
+                                                             tiny_eval_models: TinyEvalModels, tmp_path: Path) -> None:
+    """`--placeholder sks`: the pipeline binds that word (it used to look for S and fail every image), the manifest
+    records it, and CLIP-T replaces it by the class word."""
+    out = tmp_path / "sks"
+    assert main(["generate", "--store", str(run / "embeddings"), "--out", str(out), "--prompt", "a sks in the snow",
+                 "--placeholder", "sks", "--images-per-prompt", "2", "--concept", "2", "--steps", "1", "--height",
+                 "64", "--width", "64", "--device", "cpu", *_models(tiny_models)]) == 0
+    rows = _table(_manifest(out))
+    assert len(rows) == 2 and {r["placeholder"] for r in rows} == {"sks"}
+    assert main(["evaluate", str(out), "--store", str(run / "embeddings"), *_eval_models(tiny_eval_models)]) == 0
+    [metrics] = out.glob("_runs/evaluate-*-metrics.parquet")
+    assert {r["text"] for r in _table(metrics)} == {"a dog in the snow"}

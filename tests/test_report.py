@@ -22,9 +22,9 @@ from elite.evaluation.report import (
     ReportImage,
     ReportRun,
     render_html,
-    render_summary_png,
     thumbnail,
 )
+from elite.evaluation.summary import render_summary_png
 
 HOSTILE_ID = "<img src=x onerror=alert(1)>"  # a concept id a user could give
 HOSTILE_PROMPT = 'a S </section><script>alert(2)</script> & "friends"'
@@ -116,7 +116,8 @@ def test_page_in_a_browser(runs: tuple[ReportRun, ReportRun], tmp_path: Path) ->
     assert not_blank(check.element_png)
     assert escape(HOSTILE_ID) in page and "<img src=x" not in page and "<script>" not in page
     assert "<b>" not in page  # settings and failure reasons are text too
-    assert not re.search(r"https?:|//[a-z]", page)  # self-contained: no URL of any kind, not even a namespace
+    # self-contained: every src and href inline or on the page, and no web URL at all (not even a namespace)
+    assert not re.search(r'(src|href)="(?!data:image/(jpeg|png);base64,|#)', page) and not re.search("https?:", page)
     assert "2 of 3 concepts shown" in page
     sheets = _section(page, "contact-sheets")
     assert sheets.count('class="placeholder"') == 3  # the failed image, the unreadable one, "no mask"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from elite.data.prompts import PromptSpec, batch_work, derive_seed, plan_work, read_prompts
+from elite.data.prompts import PromptSpec, batch_work, derive_seed, load_prompts, plan_work, read_prompts
 from elite.data.sources import ConceptRef, list_concepts, read_manifest
 from elite.data.storage import open_store
 from elite.errors import InputError
@@ -177,3 +177,15 @@ def test_batch_work_keeps_concepts_together() -> None:
     assert [i.index for i in flat[:5]] == [1, 0, 2, 1, 0]  # reversed input: order within a group is kept
     with pytest.raises(InputError, match="batch_size"):
         batch_work(items, 0)
+
+
+def test_images_per_prompt_applies_to_every_prompt_of_a_file(tmp_path: Path) -> None:
+    """`--images-per-prompt` / `images_per_prompt` with a prompt file (it was silently ignored there)."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a S"}\n{"prompt": "a S in the snow", "images": 3}\n')
+    assert [s.images for s in load_prompts(str(path))[0]] == [1, 3]  # each line's own count
+    assert [s.images for s in load_prompts(str(path), 2)[0]] == [2, 2]
+    assert [s.images for s in load_prompts("dreambench:object", 4)[0]] == [4] * 25
+    path.write_text('{"prompt": "a S", "images": 2, "seeds": [1, 2]}\n')
+    with pytest.raises(InputError, match="2 seeds for 3 images"):
+        load_prompts(str(path), 3)

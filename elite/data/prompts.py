@@ -13,6 +13,7 @@ Guide: docs/inputs.md.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -196,25 +197,31 @@ def packaged_prompts(name: str) -> Traversable:
     return resources.files("elite") / "evaluation" / "dreambench_data" / PACKAGED_PROMPTS[name]
 
 
-def load_prompts(uri: str | None) -> tuple[list[PromptSpec], list[Failure]]:
+def load_prompts(uri: str | None, images: int | None = None) -> tuple[list[PromptSpec], list[Failure]]:
     """The prompt file at a path or URI (.txt, .jsonl, .csv; docs/inputs.md), bad lines as failures; None: the
     two default prompts. A file without a single usable prompt is an InputError: it would generate nothing.
+    `images`: images per concept for every prompt, instead of each line's `images` (default 1); a line whose
+    `seeds` do not number that many is an InputError naming it.
 
     `dreambench`, `dreambench:all`, `dreambench:object` and `dreambench:live` name the packaged DreamBench sets
     (PACKAGED_PROMPTS), so no file is needed; `dreambench:<other>` is an InputError. These names take precedence
     over a local file so named, an unlikely clash (a prompt file has a suffix): read a file `dreambench:x.txt` as
     `./dreambench:x.txt`.
     """
+    failures: list[Failure] = []
     if uri is None:
-        return [PromptSpec(p) for p in DEFAULT_PROMPTS], []
-    if uri.partition(":")[0] == "dreambench":  # a packaged set, or a misspelt one
+        specs = [PromptSpec(p) for p in DEFAULT_PROMPTS]
+    elif uri.partition(":")[0] == "dreambench":  # a packaged set, or a misspelt one
         resource = packaged_prompts(uri)
-        return read_prompts(resource.read_bytes(), str(resource)), []
-    store, key = open_object(uri)
-    specs, failures = read_prompts(store.get(key), store.uri(key), strict=False)
-    if not specs:
-        why = f"; {len(failures)} bad line(s), the first: {failures[0].reason}" if failures else ""
-        raise InputError(f"{store.uri(key)}: no prompts in the file (blank, or only comments){why}")
+        specs = read_prompts(resource.read_bytes(), str(resource))
+    else:
+        store, key = open_object(uri)
+        specs, failures = read_prompts(store.get(key), store.uri(key), strict=False)
+        if not specs:
+            why = f"; {len(failures)} bad line(s), the first: {failures[0].reason}" if failures else ""
+            raise InputError(f"{store.uri(key)}: no prompts in the file (blank, or only comments){why}")
+    if images is not None:
+        specs = [dataclasses.replace(spec, images=images) for spec in specs]  # checked again: count, seeds
     return specs, failures
 
 

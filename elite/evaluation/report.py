@@ -1,8 +1,8 @@
-"""The evaluation report: a run's already-computed metrics as one self-contained HTML page and one PNG summary.
+"""The evaluation report: a run's already-computed metrics as one self-contained HTML page (its PNG summary:
+elite.evaluation.summary).
 
     page = render_html(run)                    # header, charts with the paper's values, contact sheets, failures
     page = render_html(run, compare=other)     # ... and the two runs side by side (id "comparison")
-    png = render_summary_png(run, other)       # overall values against the paper, bar charts, a strip per concept
     data = thumbnail(image_or_bytes, 192)      # the JPEG thumbnails the report objects carry
 
 The page refers to nothing outside itself (inline CSS, SVG charts, images as data: URIs), so it can be stored
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any, TypeVar
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageOps
 
 from elite.errors import InputError
 from elite.evaluation import METRIC_LABELS, METRICS, PAPER_TABLE1
@@ -90,25 +90,25 @@ def thumbnail(data: bytes | Image.Image, size: int = 192) -> bytes:
 
 # ---------------------------------------------------------------------------------------------------------- values
 
-def _number(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
     """A metric as a float, None when missing or not finite (a NaN mean of no images)."""
     return float(value) if value is not None and math.isfinite(value) else None
 
 
-def _fmt(value: Any, none: str = NO_VALUE) -> str:
-    number = _number(value)
+def format_value(value: Any, none: str = NO_VALUE) -> str:
+    number = as_number(value)
     return none if number is None else f"{number:.3f}"
 
 
 def _delta(a: Any, b: Any, none: str = NO_VALUE) -> str:
-    x, y = _number(a), _number(b)
+    x, y = as_number(a), as_number(b)
     return none if x is None or y is None else f"{x - y:+.3f}"
 
 
-def _axis(values: Iterable[Any]) -> tuple[float, float]:
+def axis_range(values: Iterable[Any]) -> tuple[float, float]:
     """A chart's range in steps of 0.1, holding every value and the paper's: CLIP-T (about 0.25) gets a readable
     bar rather than a sliver of 0..1; bars still start at 0, and a (rare) negative cosine stays on the chart."""
-    known = [v for v in map(_number, values) if v is not None]
+    known = [v for v in map(as_number, values) if v is not None]
     lo = min(0.0, math.floor(round(min(known, default=0.0) * 10, 6)) / 10)
     hi = max(lo + 0.1, math.ceil(round(max(known, default=1.0) * 10, 6)) / 10)
     return lo, hi
@@ -124,10 +124,10 @@ def _union(*key_lists: Iterable[_Key]) -> list[_Key]:
 
 
 def _metric_line(image: ReportImage, none: str = NO_VALUE) -> str:
-    return "  ".join(f"{METRIC_LABELS[m]} {_fmt(getattr(image, m), none)}" for m in METRICS)
+    return "  ".join(f"{METRIC_LABELS[m]} {format_value(getattr(image, m), none)}" for m in METRICS)
 
 
-def _count(n: int, noun: str) -> str:
+def count_noun(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
@@ -204,9 +204,9 @@ def render_html(run: ReportRun, compare: ReportRun | None = None) -> str:
 def _header(run: ReportRun) -> str:
     models = ", ".join(f"{name}: {model}" for name, model in run.models.items()) or NO_VALUE
     shown = f"{len(run.concepts)} of {run.concepts_total} concepts shown"
-    failed = f' · <a href="#failures">{_count(len(run.failures), "failure")}</a>' if run.failures else ""
+    failed = f' · <a href="#failures">{count_noun(len(run.failures), "failure")}</a>' if run.failures else ""
     cards = "".join(
-        f'<div class="metric"><div>{METRIC_LABELS[m]}</div><div class="value">{_fmt(run.overall.get(m))}</div>'
+        f'<div class="metric"><div>{METRIC_LABELS[m]}</div><div class="value">{format_value(run.overall.get(m))}</div>'
         f'<div class="paper">{PAPER} {PAPER_TABLE1[m]:.3f} · Δ {_delta(run.overall.get(m), PAPER_TABLE1[m])}</div>'
         "</div>" for m in METRICS)
     return (f"<header><h1>ELITE evaluation: {escape(run.label)}</h1><dl class=\"facts\">"
@@ -238,7 +238,7 @@ def _charts(runs: list[ReportRun]) -> str:
     note = f'<p class="note">The first {MAX_BARS} of {len(keys)} concepts.</p>' if len(keys) > MAX_BARS else ""
     figures = "".join(
         f"<figure><figcaption>{METRIC_LABELS[m]}</figcaption>"
-        + _svg_bars(m, [(key, [_number(level.get(key, {}).get(m)) for level in means]) for key in keys[:MAX_BARS]],
+        + _svg_bars(m, [(key, [as_number(level.get(key, {}).get(m)) for level in means]) for key in keys[:MAX_BARS]],
                     [r.label for r in runs])
         + "</figure>" for m in METRICS)
     return (f'<section class="card" id="charts"><h2>Per-concept means</h2>{_legend(runs)}{note}'
@@ -248,7 +248,7 @@ def _charts(runs: list[ReportRun]) -> str:
 def _svg_bars(metric: str, rows: list[tuple[str, list[float | None]]], labels: list[str]) -> str:
     """Horizontal bars on one scale with the paper's Table 1 value as a dashed line; every value also as text."""
     reference = PAPER_TABLE1[metric]
-    lo, hi = _axis([reference, *(v for _, values in rows for v in values)])
+    lo, hi = axis_range([reference, *(v for _, values in rows for v in values)])
     left, plot, top, bar, gap = 118, 220, 24, 14, 8
     width, group = left + plot + 48, bar * len(labels) + gap
     bottom = top + group * max(len(rows), 1)
@@ -270,7 +270,7 @@ def _svg_bars(metric: str, rows: list[tuple[str, list[float | None]]], labels: l
                    f"<title>{escape(key)}</title>{escape(short)}</text>")
         for series, value in enumerate(values):
             svg.append(_svg_bar(x, value, y + series * bar, bar - 2, COLOURS[series], f"{key}, {labels[series]}")
-                       + f'<text x="{left + plot + 6}" y="{y + series * bar + bar - 4}">{_fmt(value)}</text>')
+                       + f'<text x="{left + plot + 6}" y="{y + series * bar + bar - 4}">{format_value(value)}</text>')
     ref_x = x(reference)
     svg.append(f'<line x1="{ref_x:.1f}" x2="{ref_x:.1f}" y1="{top - 6}" y2="{bottom}" stroke="{REFERENCE_COLOUR}" '
                f'stroke-width="1.5" stroke-dasharray="5 3"/><text x="{ref_x:.1f}" y="{top - 10}" '
@@ -292,7 +292,7 @@ def _prompt_table(runs: list[ReportRun]) -> str:
     keys = _union(*means)
     if not keys:
         return ""
-    scales = {m: _axis([PAPER_TABLE1[m], *(level[k].get(m) for level in means for k in level)]) for m in METRICS}
+    scales = {m: axis_range([PAPER_TABLE1[m], *(level[k].get(m) for level in means for k in level)]) for m in METRICS}
     names = "".join(f"<th>{escape(r.label)}</th>" for r in runs) + ("<th>Δ</th>" if len(runs) == 2 else "")
     head = ("<tr><th rowspan=\"2\">prompt</th><th rowspan=\"2\">images</th>"
             + "".join(f'<th colspan="{len(runs) + (len(runs) == 2)}">{METRIC_LABELS[m]} '
@@ -306,9 +306,9 @@ def _prompt_table(runs: list[ReportRun]) -> str:
         for m in METRICS:
             lo, hi = scales[m]
             for row, css in zip(rows, "ab", strict=False):
-                value = _number(row.get(m))
+                value = as_number(row.get(m))
                 share = 0.0 if value is None else 100 * (value - lo) / (hi - lo)
-                cells.append(f'<td class="num bar {css}" style="--v:{share:.0f}%">{_fmt(value)}</td>')
+                cells.append(f'<td class="num bar {css}" style="--v:{share:.0f}%">{format_value(value)}</td>')
             if len(rows) == 2:
                 cells.append(f'<td class="num">{_delta(rows[0].get(m), rows[1].get(m))}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
@@ -345,7 +345,7 @@ def _contact_sheets(run: ReportRun) -> str:
     sections = []
     for concept in run.concepts:
         row = means.get(concept.concept_id, {})
-        summary = "  ".join(f"{METRIC_LABELS[m]} {_fmt(row.get(m))}" for m in METRICS)
+        summary = "  ".join(f"{METRIC_LABELS[m]} {format_value(row.get(m))}" for m in METRICS)
         cid = escape(concept.concept_id)
         sections.append(
             f'<section class="concept"><h3>{cid} <small>{escape(concept.class_word)} · {len(concept.images)} '
@@ -363,8 +363,8 @@ def _comparison(run: ReportRun, compare: ReportRun) -> str:
     and index, with the deltas (this run minus the compared one)."""
     a, b = escape(run.label), escape(compare.label)
     overall = "".join(
-        f"<tr><th>{METRIC_LABELS[m]}</th><td class=\"num\">{_fmt(run.overall.get(m))}</td>"
-        f"<td class=\"num\">{_fmt(compare.overall.get(m))}</td>"
+        f"<tr><th>{METRIC_LABELS[m]}</th><td class=\"num\">{format_value(run.overall.get(m))}</td>"
+        f"<td class=\"num\">{format_value(compare.overall.get(m))}</td>"
         f"<td class=\"num\">{_delta(run.overall.get(m), compare.overall.get(m))}</td>"
         f"<td class=\"num\">{PAPER_TABLE1[m]:.3f}</td></tr>" for m in METRICS)
     overall = (f"<table><tr><th></th><th>{a}</th><th>{b}</th><th>Δ</th><th>{PAPER}</th></tr>{overall}"
@@ -430,132 +430,3 @@ def _failures(runs: list[ReportRun]) -> str:
                    for label, failure in rows)
     return (f'<section class="card" id="failures"><h2>Failures ({len(rows)})</h2>'
             f"<table><tr>{head}</tr>{body}</table></section>")
-
-
-# ------------------------------------------------------------------------------------------------------------- PNG
-
-_WIDTH, _MARGIN, _CELL = 1200, 32, 150  # the summary's width, margin and strip thumbnail size, in pixels
-_STRIP_CONCEPTS, _STRIP_IMAGES = 4, 5
-
-
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
-
-
-def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: float) -> str:
-    """`text` shortened with "..." to fit `width` pixels (the summary's font has no glyph for "…")."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
-
-
-def render_summary_png(run: ReportRun, compare: ReportRun | None = None) -> bytes:
-    """One picture of the run for a glance or a chat message: overall values against the paper's, a bar chart per
-    metric (both runs with `compare`) and a strip of the first concepts' source and generations."""
-    runs = [run] if compare is None else [run, compare]
-    strips = run.concepts[:_STRIP_CONCEPTS]
-    chart_top, chart_height, strip_height = 150, 260, _CELL + 100
-    height = chart_top + chart_height + 30 + strip_height * len(strips) + _MARGIN
-    canvas = Image.new("RGB", (_WIDTH, height), "#f5f6f8")
-    draw = ImageDraw.Draw(canvas)
-    _summary_header(draw, runs)
-    panel = (_WIDTH - 2 * _MARGIN - 2 * 24) // len(METRICS)
-    for n, metric in enumerate(METRICS):
-        box = (_MARGIN + n * (panel + 24), chart_top, _MARGIN + n * (panel + 24) + panel, chart_top + chart_height)
-        _summary_chart(draw, box, metric, runs)
-    top = chart_top + chart_height + 30
-    for concept in strips:
-        _summary_strip(canvas, draw, concept, top)
-        top += strip_height
-    out = io.BytesIO()
-    canvas.save(out, format="PNG", optimize=True)
-    return out.getvalue()
-
-
-def _summary_header(draw: ImageDraw.ImageDraw, runs: list[ReportRun]) -> None:
-    run, width = runs[0], _WIDTH - 2 * _MARGIN
-    title = "ELITE evaluation: " + " vs ".join(r.label for r in runs)
-    draw.text((_MARGIN, 24), _fit(draw, title, _font(28), width), fill="#1d232b", font=_font(28))
-    failures = f", {_count(len(run.failures), 'failure')}" if run.failures else ""
-    facts = (f"{run.uri}  |  {run.evaluated} images evaluated, {len(run.concepts)} of {run.concepts_total} "
-             f"concepts shown{failures}  |  " + ", ".join(run.models.values()))
-    draw.text((_MARGIN, 64), _fit(draw, facts, _font(15), width), fill="#5b6573", font=_font(15))
-    for n, r in enumerate(runs):
-        values = "    ".join(f"{METRIC_LABELS[m]} {_fmt(r.overall.get(m), '-')} (paper {PAPER_TABLE1[m]:.3f})"
-                           for m in METRICS)
-        draw.rectangle((_MARGIN, 96 + n * 24, _MARGIN + 14, 110 + n * 24), fill=COLOURS[n])
-        draw.text((_MARGIN + 22, 93 + n * 24), _fit(draw, f"{r.label}:  {values}", _font(17), width - 22),
-                  fill="#1d232b", font=_font(17))
-
-
-def _summary_chart(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], metric: str,
-                   runs: list[ReportRun]) -> None:
-    """Vertical bars of the runs' overall means with the paper's value as a dashed line, on the HTML's scale. The
-    values sit at the foot of the bars and the line's label beside the title, where the line cannot cross them."""
-    left, top, right, bottom = box
-    draw.rectangle(box, fill="white", outline="#dde1e7")
-    draw.text((left + 12, top + 8), METRIC_LABELS[metric], fill="#1d232b", font=_font(18))
-    reference = PAPER_TABLE1[metric]
-    _dashed(draw, (right - 170, top + 19), right - 146)
-    draw.text((right - 140, top + 19), f"{PAPER} {reference:.3f}", fill=REFERENCE_COLOUR, font=_font(13), anchor="lm")
-    lo, hi = _axis([reference, *(r.overall.get(metric) for r in runs)])
-    plot_left, plot_top, plot_bottom, plot_right = left + 48, top + 48, bottom - 30, right - 16
-
-    def y(value: float) -> float:
-        return plot_bottom - (plot_bottom - plot_top) * (value - lo) / (hi - lo)
-
-    for step in range(round((hi - lo) * 10) + 1):
-        tick = lo + step / 10
-        draw.line((plot_left, y(tick), plot_right, y(tick)), fill="#e3e6ea")
-        draw.text((plot_left - 8, y(tick)), f"{tick:.1f}", fill="#5b6573", font=_font(12), anchor="rm")
-    slot = (plot_right - plot_left) / len(runs)
-    for n, r in enumerate(runs):
-        centre, value = plot_left + slot * (n + 0.5), _number(r.overall.get(metric))
-        if value is not None:
-            draw.rectangle((centre - 32, y(max(value, 0.0)), centre + 32, y(min(value, 0.0))), fill=COLOURS[n])
-        inside = value is not None and y(0.0) - y(value) > 28  # room for the text in the bar
-        label_y = y(0.0) - 8 if inside else y(max(value or 0.0, 0.0)) - 4
-        draw.text((centre, label_y), _fmt(value, "-"), fill="white" if inside else "#1d232b", font=_font(15),
-                  anchor="md")
-        draw.text((centre, plot_bottom + 6), _fit(draw, r.label, _font(12), slot - 8), fill="#5b6573",
-                  font=_font(12), anchor="ma")
-    _dashed(draw, (plot_left, round(y(reference))), plot_right)
-
-
-def _dashed(draw: ImageDraw.ImageDraw, start: tuple[int, int], end_x: int) -> None:
-    """A horizontal dashed line (Pillow draws solid lines only)."""
-    x, y = start
-    for dash in range(x, end_x, 10):
-        draw.line((dash, y, min(dash + 6, end_x), y), fill=REFERENCE_COLOUR, width=2)
-
-
-def _summary_strip(canvas: Image.Image, draw: ImageDraw.ImageDraw, concept: ReportConcept, top: int) -> None:
-    """A concept's source and first generations, each with its metrics below."""
-    heading = f"{concept.concept_id} ({concept.class_word}), {len(concept.images)} images"
-    draw.text((_MARGIN, top), _fit(draw, heading, _font(16), _WIDTH - 2 * _MARGIN), fill="#1d232b", font=_font(16))
-    cells: list[tuple[bytes | None, str, list[str]]] = [(concept.source, "source unreadable", ["source image"])]
-    for image in concept.images[:_STRIP_IMAGES]:
-        missing = f"not evaluated: {image.failure}" if image.failure is not None else "image could not be read"
-        lines = [f"{METRIC_LABELS[m]} {_fmt(getattr(image, m), '-')}" for m in METRICS]
-        cells.append((None if image.failure is not None else image.thumbnail, missing, [f"seed {image.seed}", *lines]))
-    for n, (data, missing, lines) in enumerate(cells):
-        left = _MARGIN + n * (_CELL + 24)
-        _summary_cell(canvas, draw, data, missing, (left, top + 24))
-        for k, line in enumerate(lines):
-            draw.text((left, top + 28 + _CELL + k * 14), line, fill="#3a4350", font=_font(12))
-
-
-def _summary_cell(canvas: Image.Image, draw: ImageDraw.ImageDraw, data: bytes | None, missing: str,
-                  corner: tuple[int, int]) -> None:
-    left, top = corner
-    draw.rectangle((left, top, left + _CELL - 1, top + _CELL - 1), fill="#e6e9ed")
-    if data is None:
-        draw.rectangle((left, top, left + _CELL - 1, top + _CELL - 1), outline="#b9c0ca", width=2)
-        draw.text((left + _CELL // 2, top + _CELL // 2), _fit(draw, missing, _font(12), _CELL - 12), fill="#7a4a4a",
-                  font=_font(12), anchor="mm")
-        return
-    with Image.open(io.BytesIO(data)) as opened:
-        picture = ImageOps.contain(to_rgb(opened), (_CELL, _CELL), Image.Resampling.LANCZOS)  # small ones grow
-    canvas.paste(picture, (left + (_CELL - picture.width) // 2, top + (_CELL - picture.height) // 2))

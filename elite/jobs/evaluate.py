@@ -37,7 +37,8 @@ from elite.data.storage import AnyEmbeddingStore, embedding_store
 from elite.errors import EliteError, Failure, InputError, TransientStorageError
 from elite.evaluation import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, METRICS
 from elite.evaluation.metrics import MetricModels, clip_t_text, cosine
-from elite.evaluation.report import ReportConcept, ReportImage, ReportRun, render_html, render_summary_png, thumbnail
+from elite.evaluation.report import ReportConcept, ReportImage, ReportRun, render_html, thumbnail
+from elite.evaluation.summary import render_summary_png
 from elite.evaluation.tables import AGGREGATE_SCHEMA, METRICS_SCHEMA, SETTING_COLUMNS, aggregate, shared_settings
 from elite.fileio import sha256_bytes
 from elite.jobs.common import (
@@ -202,7 +203,8 @@ def _read_mask(locations: Locations, source_uri: str) -> Image.Image:
     store, key = locations.locate(uri)
     if not store.exists(key):
         raise InputError(f"{uri}: no mask")
-    return open_image(store.get(key), uri).convert("L")
+    grey = open_image(store.get(key), uri).convert("L")
+    return grey.point(lambda value: 255 if value else 0)  # non-zero is object: a 0/1 mask shows too
 
 
 def _guarded(read: Callable[..., Image.Image], *args: Any) -> Image.Image | InputError:
