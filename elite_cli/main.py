@@ -102,7 +102,8 @@ def _prompts(args: argparse.Namespace) -> tuple[list[PromptSpec], list[Failure]]
     if args.prompt and args.prompts:
         raise InputError("give --prompt (repeatable) or --prompts FILE, not both")
     if args.prompt:
-        return [PromptSpec(p, args.images_per_prompt or 1, placeholder=args.placeholder) for p in args.prompt], []
+        images = 1 if args.images_per_prompt is None else args.images_per_prompt
+        return [PromptSpec(p, images, placeholder=args.placeholder) for p in args.prompt], []
     return load_prompts(args.prompts, args.images_per_prompt)
 
 

@@ -209,7 +209,7 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
 
 
 def _images_per_prompt(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images-per-prompt", type=positive, help="images per concept and prompt, for every prompt "
+    parser.add_argument("--images-per-prompt", type=int, help="images per concept and prompt, for every prompt "
                         "(default: each prompt-file line's `images`, else 1)")
 
 

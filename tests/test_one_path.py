@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -176,6 +177,13 @@ def test_every_cli_command_takes_s3_uris(tiny_models: TinyModels, tiny_eval_mode
     evaluated = [k for k in (info.key for info in open_store(f"{s3_env}/images").list("_runs/")) if "evaluate-" in k]
     assert sorted(k.rsplit("-", 1)[1] for k in evaluated) == ["aggregates.parquet", "metrics.parquet", "report.html",
                                                               "report.png"]
+    from flows.evaluate import report_link  # the flow's link artifact: a presigned URL a browser opens as a page
+
+    [page] = [k for k in evaluated if k.endswith("report.html")]
+    link = report_link(open_store(f"{s3_env}/images").uri(page))
+    assert link.startswith("http://127.0.0.1:") and "Signature=" in link
+    with urllib.request.urlopen(link, timeout=30) as response:
+        assert response.headers["Content-Type"] == "text/html; charset=utf-8" and b"<html" in response.read()
     assert main(["export", f"{s3_env}/embeddings", f"{s3_env}/export", "--format", "numpy"]) == 0
     assert open_store(f"{s3_env}/export").exists("manifest.json")
     assert list(tmp_path.iterdir()) == []
