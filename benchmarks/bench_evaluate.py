@@ -21,6 +21,9 @@ Images/s counts generated images only. Each rep also times the parts on the same
 (PIL resize, crop, normalise, as `MetricModels` calls them), the CLIP image tower, DINO, tokenization and the CLIP
 text tower.
 
+The machine may be shared: before each timed rep the script waits (up to --wait-idle seconds) for other processes
+to go idle, and it records how many cores others used during the rep (from /proc/stat, as bench_ray.py does).
+
     python benchmarks/bench_evaluate.py                  # batch 1 and 32, about 2 min on 2 cores
     python benchmarks/bench_evaluate.py --quick          # batch 1 and 32, 1 timed rep each
     python benchmarks/bench_evaluate.py --batch-sizes 1 8 32 64 --reps 3 --sources 2
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import tempfile
@@ -55,6 +59,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import announce, core_count, exact_command, gemm_probe, peak_rss_mib, rusage, save_results
+from bench_orchestration import proc_stat, wait_for_idle
 
 from elite.data.sources import find_concepts
 from elite.evaluation.metrics import MetricModels, cosine
@@ -185,6 +190,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--texts", type=int, default=len(TEXTS), choices=range(1, len(TEXTS) + 1),
                         help="unique CLIP-T texts per batch (at most the batch size)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: core count)")
+    parser.add_argument("--wait-idle", type=float, default=60.0,
+                        help="before each timed rep, wait up to this many seconds for other processes to go idle")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="one timed rep per batch size")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/evaluate.json)")
@@ -257,12 +264,15 @@ def main() -> None:
         parts(models, generated + sources, texts)
         warm_s = time.perf_counter() - warm_start
         assert len(scores) == size and all(-1.0 <= v <= 1.0 for row in scores for v in row)
-        seconds, probes, sys_s, cpu_s, faults = [], [], [], [], []
+        seconds, probes, sys_s, cpu_s, faults, others = [], [], [], [], [], []
         part_s: dict[str, list[float]] = {name: [] for name in PART_LABELS}
         for rep in range(reps):
             generated, sources, texts = batch_of(size)
+            wait_for_idle(args.wait_idle)
             probes.append(gemm_probe())
             gc.collect()
+            busy0, total0 = proc_stat()
+            rep_start = time.perf_counter()
             user0, sys0, faults0 = rusage()
             start = time.perf_counter()
             metric_step(models, generated, sources, texts)
@@ -273,10 +283,16 @@ def main() -> None:
             faults.append(faults1 - faults0)
             for name, value in parts(models, generated + sources, texts).items():
                 part_s[name].append(value)
+            user2, sys2, _ = rusage()
+            busy1, total1 = proc_stat()
+            rep_s = time.perf_counter() - rep_start
+            machine = (os.cpu_count() or 1) * (busy1 - busy0) / max(total1 - total0, 1) * rep_s  # core-seconds
+            others.append(max(0.0, machine - (user2 - user0 + sys2 - sys0)) / rep_s)
             split = ", ".join(f"{name} {1000 * values[-1]:.0f}" for name, values in part_s.items())
             print(f"  batch {size} rep {rep + 1}/{reps}: {1000 * seconds[-1]:.0f} ms = {size / seconds[-1]:.2f} "
                   f"images/s (cpu {cpu_s[-1]:.2f} s, system {sys_s[-1]:.2f} s, {faults[-1]} minor page faults; "
-                  f"GEMM probe before: {probes[-1]:.0f} GFLOP/s); parts ms: {split}", flush=True)
+                  f"GEMM probe before: {probes[-1]:.0f} GFLOP/s); parts ms: {split}; other load {others[-1]:.2f} cores",
+                  flush=True)
         median = statistics.median(seconds)
         part_ms = {name: round(1000 * statistics.median(values), 2) for name, values in part_s.items()}
         parts_sum = sum(part_ms.values())
@@ -285,6 +301,8 @@ def main() -> None:
             "images_per_call": size + args.sources, "reps": reps, "seconds": [round(s, 4) for s in seconds],
             "cpu_seconds": [round(s, 3) for s in cpu_s], "system_s": [round(s, 3) for s in sys_s],
             "minor_page_faults": faults, "gemm_probe_gflops": [round(p, 1) for p in probes],
+            "other_busy_cores": [round(x, 2) for x in others],
+            "other_busy_cores_max": round(max(others), 2),
             "warmup_s": round(warm_s, 3), "median_s": round(median, 4), "ms_per_batch": round(1000 * median, 1),
             "ms_per_batch_best": round(1000 * min(seconds), 1), "ms_per_image": round(1000 * median / size, 1),
             "images_per_s": round(size / median, 2), "images_per_s_best": round(size / min(seconds), 2),
@@ -298,13 +316,14 @@ def main() -> None:
         }
 
     print()
-    print(f"{'batch':>5} {'images/s':>9} {'ms/batch':>9} {'ms/image':>9} " + " ".join(
-        f"{label:>19}" for label in PART_LABELS.values()) + f" {'sum of parts':>13} {'peak RSS MiB':>13}")
+    print(f"{'batch':>5} {'images/s':>9} {'ms/batch':>9} {'ms/image':>9} "
+          + " ".join(f"{label:>19}" for label in PART_LABELS.values())
+          + f" {'sum of parts':>13} {'peak RSS MiB':>13} {'max other load':>15}")
     for size, r in results.items():
         split = " ".join(f"{r['parts_ms_per_batch'][name]:>10.1f} ({100 * r['parts_share'][name]:>4.1f}%)"
                          for name in PART_LABELS)
         print(f"{size:>5} {r['images_per_s']:>9.2f} {r['ms_per_batch']:>9.1f} {r['ms_per_image']:>9.1f} {split} "
-              f"{r['parts_sum_ms']:>13.1f} {r['peak_rss_mib_after']:>13.0f}")
+              f"{r['parts_sum_ms']:>13.1f} {r['peak_rss_mib_after']:>13.0f} {r['other_busy_cores_max']:>15.2f}")
     print("(parts: ms per batch and share of their sum; the images are the batch's generated images + sources)")
     payload: dict[str, Any] = {
         "benchmark": "evaluate", "command": exact_command(), "machine": info,

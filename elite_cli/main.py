@@ -22,7 +22,7 @@ from elite.errors import EliteError, Failure, InputError, printable
 from elite.fileio import sha256_file
 from elite.jobs.common import check_output, check_readable
 from elite.jobs.export import export_embeddings
-from elite.jobs.models import GENERATOR_NEEDS, encoder_needs, resolve_evaluation_models
+from elite.jobs.models import GENERATOR_NEEDS, encoder_needs, resolve_evaluation_models, resolve_models
 from elite.model.sampling import check_sampler
 from elite_cli.common import evaluation_summary, models_of, print_failures
 from elite_cli.parser import build_parser
@@ -161,6 +161,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 1 if report.failures or (report.compare is not None and report.compare.failures) else 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    models = resolve_models(("pretrained_model", "vision_model"), pretrained_model=args.pretrained_model,
+                            vision_model=args.vision_model)  # mappers: only from the options (start points)
+    check_readable(open_store(args.concepts), "concepts")
+    args.quiet()
+    from elite.jobs.train import train_catalog  # the model side: when needed
+    from elite.training.trainer import TrainSettings
+
+    settings = TrainSettings(
+        args.stage, str(models["pretrained_model"]), str(models["vision_model"]), args.out,
+        global_mapper=args.global_mapper, local_mapper=args.local_mapper, steps=args.steps,
+        batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
+        learning_rate=args.learning_rate, scale_lr=not args.no_scale_lr, warmup_steps=args.warmup_steps,
+        mixed_precision=args.mixed_precision, seed=args.seed, resolution=args.resolution,
+        checkpoint_every=args.checkpoint_every, resume=args.resume)
+    report = train_catalog(args.concepts, settings, manifest=args.manifest, augment=not args.no_augment)
+    print_failures(report.failures)
+    result = report.result
+    change = f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, " if result.losses else ""
+    print(f"trained the {args.stage} mapper to step {result.steps} ({change}{result.skipped} samples skipped) -> "
+          f"{result.mapper_path}")
+    return 1 if report.failures else 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     where = dict(args.where) if args.where else None
     manifest = export_embeddings(args.store, args.dest, args.format, concept_ids=args.concept, where=where,
@@ -174,7 +198,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "convert-checkpoint": cmd_convert, "export-onnx": cmd_export_onnx, "make-tiny-models": cmd_make_tiny,
-    "encode": cmd_encode, "generate": cmd_generate, "evaluate": cmd_evaluate, "export": cmd_export,
+    "encode": cmd_encode, "generate": cmd_generate, "evaluate": cmd_evaluate, "train": cmd_train, "export": cmd_export,
     "personalize": cmd_personalize,
     "store": cmd_store,
 }

@@ -163,6 +163,8 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
                    help="contact sheets for at most this many concepts (the tables hold every image)")
     _models(p, "clip_model", "dino_model")
 
+    _train_command(sub)
+
     p = sub.add_parser("export", formatter_class=Formatter, help="export stored embeddings to files",
                        description="Export the embedding store (all concepts, --concept ids, or --where metadata "
                                    "filters) as sharded Parquet, safetensors, NumPy or diffusers textual-inversion "
@@ -206,6 +208,39 @@ def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="folder to write the models to")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     return parser
+
+
+def _train_command(sub: Any) -> None:
+    p = sub.add_parser("train", formatter_class=Formatter, help="train the global (stage 1) or local (stage 2) "
+                       "mapping network on a catalog", description="Train a mapping network as in the paper "
+                       "(docs/training.md): stage 1 (global) the global mapper and its k/v copies, stage 2 (local) "
+                       "the local mapper on top of a frozen stage-1 mapper, with CLIP, the text encoder, UNet and "
+                       "VAE frozen. Writes OUT/<stage>_mapper.pt (the release's layout) and .safetensors, "
+                       "checkpoints OUT/checkpoint-<step>/ and TensorBoard logs. Several GPUs: `accelerate "
+                       "launch -m elite_cli train ...`.")
+    p.add_argument("stage", choices=("global", "local"), help="global: stage 1; local: stage 2")
+    p.add_argument("--concepts", required=True, help="folder or s3:// prefix of images (N.jpg + N_bg.png)")
+    p.add_argument("--manifest", help="a CSV/JSONL manifest key inside --concepts, instead of the folder listing")
+    p.add_argument("--out", required=True, help="local folder for checkpoints, logs and the trained mapper")
+    p.add_argument("--global-mapper", help="stage 1: start from these weights (default: from scratch, k/v copies "
+                   "from the UNet); stage 2: the frozen stage-1 mapper (required)")
+    p.add_argument("--local-mapper", help="stage 2: start from these weights (default: from scratch)")
+    p.add_argument("--steps", type=positive, default=1000, help="optimizer steps")
+    p.add_argument("--batch-size", type=positive, default=4, help="images per micro-batch and process")
+    p.add_argument("--gradient-accumulation", type=positive, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--learning-rate", type=positive_float, help="per-sample rate (default: the reference's, 1e-6 "
+                   "stage 1, 1e-5 stage 2), times batch x accumulation x processes unless --no-scale-lr")
+    p.add_argument("--no-scale-lr", action="store_true", help="use --learning-rate as it is")
+    p.add_argument("--warmup-steps", type=non_negative, default=0, help="linear warm-up, then constant")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="autocast precision")
+    p.add_argument("--resolution", type=positive, default=512, help="training image size (a multiple of 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the batch order, augmentations and noise")
+    p.add_argument("--checkpoint-every", type=positive, default=500, help="steps between checkpoints")
+    p.add_argument("--resume", help="a checkpoint folder, or latest (the newest in --out)")
+    p.add_argument("--no-augment", action="store_true", help="no flips, rotations, blur or scaling")
+    group = p.add_argument_group("models (hub ids or folders; the environment variables give defaults)")
+    for name in ("pretrained_model", "vision_model"):
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{MODEL_HELP[name]} [${MODEL_ENV[name]}]")
 
 
 def _images_per_prompt(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@
 # torch is installed first and pinned: on these CPU machines `torch==2.13.0` is a CPU wheel on local
 # disk, while an unpinned torch would pull a multi-GB CUDA build. On a GPU host set TORCH_SPEC
 # (e.g. TORCH_SPEC="torch==2.13.0" with the CUDA index of your choice in PIP_EXTRA_INDEX_URL)
-# and ELITE_EXTRAS=onnx-gpu,flows,ray for the CUDA build of ONNX Runtime.
+# and ELITE_EXTRAS=onnx-gpu,flows,ray,train for the CUDA build of ONNX Runtime.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -15,4 +15,4 @@ fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q "$TORCH_SPEC"
 fi
-.venv/bin/python -m pip install -q -e ".[dev,${ELITE_EXTRAS:-onnx,flows,ray}]"
+.venv/bin/python -m pip install -q -e ".[dev,${ELITE_EXTRAS:-onnx,flows,ray,train}]"

@@ -155,7 +155,7 @@ def test_help_is_there_with_a_line_and_a_default_for_every_option(capsys: pytest
 
     parser = build_parser(["a photo of a S"])
     [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    assert set(sub.choices) == {"personalize", "encode", "generate", "evaluate", "export", "export-onnx",
+    assert set(sub.choices) == {"personalize", "encode", "generate", "evaluate", "train", "export", "export-onnx",
                                 "convert-checkpoint", "make-tiny-models", "store"}
     [store] = [a for a in sub.choices["store"]._actions if isinstance(a, argparse._SubParsersAction)]
     assert set(store.choices) == {"history", "optimize", "vacuum", "migrate"}

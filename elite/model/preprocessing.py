@@ -130,6 +130,24 @@ def mask_to_array(mask: Image.Image) -> np.ndarray:
     return np.asarray(mask.convert("RGB")).max(axis=2) > 0
 
 
+def find_object(image: Image.Image, mask: Image.Image | None = None, name: str = "image") -> np.ndarray:
+    """The object's pixels (height, width) bool: the mask's non-zero pixels, else the image's alpha, else all of it.
+    A mask of another size than the image, or with no object pixel, is an InputError naming `name`."""
+    if mask is not None:
+        if mask.size != image.size:  # not resized: same aspect does not make a mask line up (crops)
+            turned = " (turned 90°: masks refer to the image as displayed, EXIF rotation applied)"
+            raise InputError(f"{name}: mask size {mask.size[0]}x{mask.size[1]} differs from image size "
+                             f"{image.size[0]}x{image.size[1]}{turned if mask.size == image.size[::-1] else ''}")
+        object_mask = mask_to_array(mask)
+        if not object_mask.any():
+            raise InputError(f"{name}: mask is empty (no object pixel)")
+        return object_mask
+    found = alpha_mask(image)
+    if found is not None and not found.any():
+        raise InputError(f"{name}: image is fully transparent and has no mask (no object pixel)")
+    return found if found is not None else np.ones((image.height, image.width), dtype=bool)
+
+
 @dataclass(frozen=True)
 class PreparedConcept:
     pixel_values: torch.Tensor  # (3, size, size), CLIP-normalised whole image
@@ -144,19 +162,7 @@ class ConceptPreprocessor:
 
     def __call__(self, image: Image.Image, mask: Image.Image | None = None, name: str = "image") -> PreparedConcept:
         rgb = np.asarray(to_rgb(image))  # (height, width, 3) uint8
-        if mask is not None:
-            if mask.size != image.size:  # not resized: same aspect does not make a mask line up (crops)
-                turned = " (turned 90°: masks refer to the image as displayed, EXIF rotation applied)"
-                raise InputError(f"{name}: mask size {mask.size[0]}x{mask.size[1]} differs from image size "
-                                 f"{image.size[0]}x{image.size[1]}{turned if mask.size == image.size[::-1] else ''}")
-            object_mask = mask_to_array(mask)
-            if not object_mask.any():
-                raise InputError(f"{name}: mask is empty (no object pixel)")
-        else:
-            found = alpha_mask(image)
-            if found is not None and not found.any():
-                raise InputError(f"{name}: image is fully transparent and has no mask (no object pixel)")
-            object_mask = found if found is not None else np.ones(rgb.shape[:2], dtype=bool)
+        object_mask = find_object(image, mask, name)
         object_rgb = rgb * object_mask[..., None].astype(np.uint8)  # background set to black, as the release
         grid = F.interpolate(  # nearest from full resolution equals the release's two nearest steps via 128
             torch.from_numpy(object_mask.astype(np.float32))[None, None], size=(self.mask_grid, self.mask_grid),
