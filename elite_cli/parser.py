@@ -237,6 +237,8 @@ def _train_command(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the batch order, augmentations and noise")
     p.add_argument("--checkpoint-every", type=positive, default=500, help="steps between checkpoints")
     p.add_argument("--resume", help="a checkpoint folder, or latest (the newest in --out)")
+    p.add_argument("--validate-every", type=non_negative, default=0, help="steps between validation images of the "
+                   "first two concepts (OUT/validation/step-<n>/; 0: none)")
     p.add_argument("--no-augment", action="store_true", help="no flips, rotations, blur or scaling")
     group = p.add_argument_group("models (hub ids or folders; the environment variables give defaults)")
     for name in ("pretrained_model", "vision_model"):

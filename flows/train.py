@@ -35,7 +35,7 @@ def train_mapper(stage: str, concepts_uri: str, output_dir: str, manifest: str |
                  batch_size: int = 4, gradient_accumulation: int = 4, learning_rate: float | None = None,
                  scale_lr: bool = True, warmup_steps: int = 0, mixed_precision: str = "no", seed: int = 0,
                  resolution: int = 512, checkpoint_every: int = 500, resume: str | None = None,
-                 augment: bool = True) -> dict[str, Any]:
+                 augment: bool = True, validate_every: int = 0) -> dict[str, Any]:
     """Train the `stage` ("global" or "local") mapper on the concepts of `concepts_uri` (or its `manifest`) into
     `output_dir`; the arguments are `elite train`'s options. Returns steps, losses and the mapper's path."""
     capture_library_logs()
@@ -46,7 +46,7 @@ def train_mapper(stage: str, concepts_uri: str, output_dir: str, manifest: str |
                              batch_size=batch_size, gradient_accumulation=gradient_accumulation,
                              learning_rate=learning_rate, scale_lr=scale_lr, warmup_steps=warmup_steps,
                              mixed_precision=mixed_precision, seed=seed, resolution=resolution,
-                             checkpoint_every=checkpoint_every, resume=resume)
+                             checkpoint_every=checkpoint_every, resume=resume, validate_every=validate_every)
     report = train_task(concepts_uri, settings, manifest, augment)
     result = report.result
     losses = result.losses
@@ -56,4 +56,5 @@ def train_mapper(stage: str, concepts_uri: str, output_dir: str, manifest: str |
         {"mapper": str(result.mapper_path), "checkpoints": output_dir}, report.failures)
     return {"steps": result.steps, "losses": losses, "mapper_path": str(result.mapper_path),
             "checkpoints": [str(p) for p in result.checkpoints], "skipped": result.skipped,
+            "validation": [str(p) for p in result.validation],
             "failures": [f.row() for f in report.failures]}

@@ -84,7 +84,12 @@ def test_checkpoints_load_where_the_release_files_load(tiny_models: TinyModels, 
               str(tiny_models.vision_model), "--steps", "3", "--batch-size", "2", "--gradient-accumulation", "1",
               "--learning-rate", "0.01", "--no-scale-lr", "--resolution", "64", "--checkpoint-every", "2"]
     assert main(["train", "global", "--out", str(tmp_path / "g"), "--global-mapper", str(tiny_models.global_mapper),
-                 *common]) == 0
+                 "--validate-every", "3", *common]) == 0
+    validation = sorted((tmp_path / "g" / "validation" / "step-0000003").iterdir())
+    assert [p.name for p in validation] == ["1.png", "2.png"]  # the first two concepts, through ElitePipeline
+    for path in validation:
+        with Image.open(path) as picture:
+            assert picture.size == (64, 64) and picture.getextrema() != ((0, 0), (0, 0), (0, 0))
     trained_global = tmp_path / "g" / "global_mapper.pt"
     assert "trained the global mapper to step 3" in capsys.readouterr().out
     assert main(["train", "local", "--out", str(tmp_path / "l"), "--global-mapper", str(trained_global),

@@ -28,9 +28,9 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +40,14 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel, get_constant_schedule_with_warmup
 
-from elite.errors import InputError
+from elite.errors import EliteError, InputError
 from elite.fileio import atomic_path
 from elite.model.attention import LocalInjection, elite_attention
 from elite.model.checkpoints import load_mapper, load_pretrained, save_safetensors
 from elite.model.encoder import FEATURE_LAYERS
 from elite.model.mappers import GlobalMapper, LocalMapper, MapperConfig, cross_attention_layers
+from elite.model.pipeline import REFERENCE, ElitePipeline
+from elite.model.preprocessing import open_image
 from elite.model.text import encode_prompts
 from elite.training.data import PLACEHOLDER, ConceptDataset, Stage, collate
 
@@ -79,16 +81,22 @@ class TrainSettings:
     checkpoint_every: int = 500
     resume: str | None = None  # a checkpoint folder, or "latest" (the newest in output_dir)
     fixed_noise: bool = False  # the same noise and timestep for a sample at every step: an overfitting check
+    validate_every: int = 0  # steps between validation images (0: none)
+    validation_concepts: int = 2  # the first concepts of the data set
+    validation_steps: int = 20  # sampler steps of a validation image
 
     def __post_init__(self) -> None:
         if self.stage not in ("global", "local"):
             raise InputError(f"stage must be 'global' or 'local', got {self.stage!r}")
         if self.stage == "local" and not self.global_mapper:
             raise InputError("stage 2 (local) trains on top of a stage-1 global mapper: give global_mapper")
-        for name in ("steps", "batch_size", "gradient_accumulation", "checkpoint_every", "resolution"):
+        for name in ("steps", "batch_size", "gradient_accumulation", "checkpoint_every", "resolution",
+                     "validation_concepts", "validation_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.validate_every, bool) or not isinstance(self.validate_every, int) or self.validate_every < 0:
+            raise InputError(f"validate_every must be an integer >= 0, got {self.validate_every!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise InputError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -102,6 +110,7 @@ class TrainResult:
     mapper_path: Path  # <stage>_mapper.pt
     checkpoints: list[Path]
     skipped: int  # samples skipped (unreadable, no object)
+    validation: list[Path] = field(default_factory=list)  # folders of validation images, one per validation step
 
 
 @dataclass
@@ -244,7 +253,7 @@ def train(settings: TrainSettings, dataset: ConceptDataset, progress: bool = Tru
     trained: torch.nn.Module = glob if settings.stage == "global" else local  # type: ignore[assignment]
     trained.train()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(settings.mixed_precision, torch.float32)
-    for module in (frozen.vae, frozen.unet, frozen.text_encoder, frozen.vision, *([glob] if local else [])):
+    for module in (frozen.vae, frozen.unet, frozen.text_encoder, frozen.vision, *([glob] if local is not None else [])):
         module.to(accelerator.device)
         if weight_dtype != torch.float32:  # separate calls: diffusers warns about a dtype cast in float32 too
             module.to(weight_dtype)
@@ -295,6 +304,12 @@ def train(settings: TrainSettings, dataset: ConceptDataset, progress: bool = Tru
         bar.set_postfix(loss=f"{total:.4f}")
         if step % settings.checkpoint_every == 0 or step == settings.steps:
             result.checkpoints.append(_save_checkpoint(accelerator, mapper, settings, output, step))
+        if settings.validate_every and step % settings.validate_every == 0 and accelerator.is_main_process:
+            with accelerator.autocast():
+                result.validation.append(validation_images(settings, frozen, glob if local is not None else mapper,
+                                                           mapper if local is not None else None, dataset, output,
+                                                           step))
+            mapper.train()
     bar.close()
     if result.skipped:
         logger.warning("%d training samples were skipped (the reasons are logged above)", result.skipped)
@@ -321,6 +336,33 @@ def _save_checkpoint(accelerator: Accelerator, mapper: torch.nn.Module, settings
         os.replace(temporary, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def validation_images(settings: TrainSettings, frozen: FrozenModels, glob: GlobalMapper, local: LocalMapper | None,
+                      dataset: ConceptDataset, output: Path, step: int) -> Path:
+    """`output/validation/step-<step>/<concept>.png`: the first concepts encoded and generated through ElitePipeline
+    with the weights as they are ("a photo of a S", seed 0). Stage 1 has no trained local mapper yet: its images
+    use the global word alone (lambda 0); stage 2's use the reference lambda."""
+    folder = output / "validation" / f"step-{step:07d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    local_mapper = local if local is not None else cast(LocalMapper, new_mapper(LocalMapper, frozen))
+    pipe = ElitePipeline(frozen.vae, frozen.text_encoder, frozen.tokenizer, frozen.unet, REFERENCE.scheduler(),
+                         frozen.vision, glob, local_mapper)
+    for ref in dataset.refs[:settings.validation_concepts]:
+        try:
+            photo = open_image(dataset.locations.get(ref.image), dataset.locations.uri(ref.image))
+            mask = None if ref.mask is None else open_image(dataset.locations.get(ref.mask),
+                                                            dataset.locations.uri(ref.mask))
+            [concept] = pipe.encode_concepts([photo], [mask], [ref.concept_id])
+        except EliteError as err:
+            logger.warning("no validation image of %s: %s", ref.concept_id, err)
+            continue
+        [image] = pipe("a photo of a S", concept, seed=0, num_inference_steps=settings.validation_steps,
+                       height=settings.resolution, width=settings.resolution, show_progress=False,
+                       lambda_local=0.0 if local is None else REFERENCE.lambda_local).images
+        with atomic_path(folder / f"{ref.concept_id}.png") as temporary:
+            image.save(temporary, format="PNG")
+    return folder
 
 
 def _has_tensorboard() -> bool:
