@@ -280,6 +280,11 @@ def test_bad_runs_are_one_clear_error(run: Path, tiny_eval_models: TinyEvalModel
         assert err.startswith("elite: error:") and message in err, (target, err)
     assert main(["evaluate", str(run / "images"), "--clip-model", str(tmp_path / "no-clip")]) == 1
     assert "no such file or folder" in capsys.readouterr().err
+    (tmp_path / "not-clip").mkdir()  # a folder that holds no model: one error before any image is read
+    assert main(["evaluate", str(run / "images"), "--clip-model", str(tmp_path / "not-clip"), "--dino-model",
+                 str(tiny_eval_models.dino_model)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("elite: error:") == 1 and "cannot load the CLIP model" in err and "FAILED" not in err
 
 
 def test_metric_models_batch_as_they_score_one_by_one(tiny_eval_models: TinyEvalModels) -> None:

@@ -365,6 +365,9 @@ def evaluate_run(run_uri: str, settings: EvaluationSettings | None = None, *, st
         run = read_run(run_uri)
         items, failures = plan_items(run, store_uri, settings.class_word)
     failures = [*run.failures, *failures]
+    if items:  # a model that cannot load is one error now, not a failure row per image later
+        with clock.time("model"):
+            load_metric_models(settings)
     shown = frozenset(sorted({item.concept_id for item in items})[:report_concepts])
     batches = batch_items(items, batch_size, shown)
     def run_here(batch: EvalBatch) -> EvalBatchResult:
