@@ -81,3 +81,9 @@ class StorageError(EliteError):
 class TransientStorageError(StorageError):
     """Reading or writing failed in a way that may pass on its own (throttling, 5xx, timeouts, refused or dropped
     connections), after the client's own retries: worth retrying the whole task later."""
+
+
+def check_integer(name: str, value: object, minimum: int) -> None:
+    """InputError unless `value` is an int (not a bool) of at least `minimum`: counts and sizes of jobs."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")

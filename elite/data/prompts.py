@@ -28,7 +28,7 @@ from typing import Any, Literal, overload
 
 from elite.data.sources import ConceptRef, csv_rows, jsonl_rows
 from elite.data.storage import open_object
-from elite.errors import Failure, InputError
+from elite.errors import Failure, InputError, check_integer
 from elite.model.placeholders import placeholder_pattern
 
 __all__ = ["DEFAULT_PROMPTS", "PACKAGED_PROMPTS", "PromptSpec", "WorkItem", "batch_work", "derive_seed",
@@ -262,8 +262,7 @@ def batch_work(items: Sequence[WorkItem], batch_size: int) -> list[list[WorkItem
     Batches are full except the last: one concept's images stay together, and a batch spans two concepts
     only where a concept's images do not fill it, so the GPU never idles on a short batch mid-plan.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_integer("batch_size", batch_size, 1)
     concept_rank: dict[str, int] = {}
     prompt_rank: dict[str, int] = {}
     for item in items:

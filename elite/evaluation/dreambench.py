@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import io
 import sys
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from elite.data.prompts import PromptSpec, packaged_prompts, read_prompts
+from elite.data.prompts import PromptSpec, load_prompts, packaged_prompts
 from elite.errors import EliteError, InputError
 from elite.fileio import write_bytes_atomic
 
@@ -48,11 +47,16 @@ class Subject:
     live: bool  # cats and dogs
 
 
-def prompt_file(name: str) -> Path:
-    """The packaged prompt file of set `name` ("object", "live" or "all"), a file on disk."""
+def _packaged_name(name: str) -> str:
+    """The name elite.data.prompts knows set `name` by ("live" -> "dreambench:live")."""
     if name not in PROMPT_SETS:
         raise InputError(f"unknown DreamBench prompt set {name!r}; expected one of {', '.join(PROMPT_SETS)}")
-    resource = packaged_prompts(f"dreambench:{name}")
+    return f"dreambench:{name}"
+
+
+def prompt_file(name: str) -> Path:
+    """The packaged prompt file of set `name` ("object", "live" or "all"), a file on disk."""
+    resource = packaged_prompts(_packaged_name(name))
     if not isinstance(resource, Path):  # only a zipped install would do this; pip installs wheels unpacked
         raise EliteError(f"{resource}: the package data is not a file on disk; install elite unzipped")
     return resource
@@ -68,7 +72,7 @@ def subjects() -> list[Subject]:
 def dreambench_prompts(name: str, images: int = 1) -> list[PromptSpec]:
     """The PromptSpecs of set `name`, `images` images per prompt and concept it applies to: "object" and "live"
     apply to every concept, "all" to the concepts of the class words it names (see the module's docstring)."""
-    return [dataclasses.replace(spec, images=images) for spec in read_prompts(prompt_file(name))]
+    return load_prompts(_packaged_name(name), images)[0]  # the same reading as `--prompts dreambench:<name>`
 
 
 def manifest_csv(dataset_dir: str | Path, image: str = "00.jpg") -> str:

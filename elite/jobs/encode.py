@@ -30,7 +30,7 @@ from elite.data.objects import ObjectStore, is_uri
 from elite.data.sources import ConceptRef, list_concepts, read_manifest, uri_of
 from elite.data.store import COMPACT_MIN_FILES, EmbeddingStore
 from elite.data.store_format import EmbeddingRecord
-from elite.errors import EliteError, Failure, InputError, StorageError, TransientStorageError
+from elite.errors import EliteError, Failure, InputError, StorageError, TransientStorageError, check_integer
 from elite.jobs.common import (
     IO_THREADS,
     BatchRunner,
@@ -225,8 +225,7 @@ def encode_catalog(source: ObjectStore, embeddings: EmbeddingStore, encoder: Con
     small data files (one per batch) have piled up, they are compacted (`EmbeddingStore.compact_small_files`;
     None: never); a failed compaction is logged, not a failure of the run, since every row is stored already.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_integer("batch_size", batch_size, 1)
     started = time.perf_counter()
     clock = Stopwatch()
     locations = Locations(source)

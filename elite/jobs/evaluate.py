@@ -34,7 +34,7 @@ from PIL import Image
 from elite.data.objects import ObjectStore
 from elite.data.sources import MASK_SUFFIX
 from elite.data.storage import AnyEmbeddingStore, embedding_store
-from elite.errors import EliteError, Failure, InputError, TransientStorageError
+from elite.errors import EliteError, Failure, InputError, TransientStorageError, check_integer
 from elite.evaluation import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, METRICS
 from elite.evaluation.metrics import MetricModels, clip_t_text, cosine
 from elite.evaluation.report import ReportConcept, ReportImage, ReportRun, render_html, thumbnail
@@ -166,8 +166,7 @@ def plan_items(run: RunRows, store_uri: str | None, class_word: str) -> tuple[li
 
 
 def batch_items(items: Sequence[EvalItem], batch_size: int, shown: frozenset[str]) -> list[EvalBatch]:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_integer("batch_size", batch_size, 1)
     return [EvalBatch(n, list(items[start:start + batch_size]), shown)
             for n, start in enumerate(range(0, len(items), batch_size))]
 
@@ -200,10 +199,7 @@ def _read_mask(locations: Locations, source_uri: str) -> Image.Image:
     """The mask beside a source image by the release's naming (`<name>_bg.png`), for the report."""
     folder, name = posixpath.split(source_uri)
     uri = posixpath.join(folder, posixpath.splitext(name)[0] + MASK_SUFFIX)
-    store, key = locations.locate(uri)
-    if not store.exists(key):
-        raise InputError(f"{uri}: no mask")
-    grey = open_image(store.get(key), uri).convert("L")
+    grey = open_image(locations.get(uri), uri).convert("L")  # none there: a StorageError, no mask shown
     return grey.point(lambda value: 255 if value else 0)  # non-zero is object: a 0/1 mask shows too
 
 
@@ -353,8 +349,7 @@ def evaluate_run(run_uri: str, settings: EvaluationSettings | None = None, *, st
     `run_batches(images_folder)`: how a run's batches run (default: one after the other, here); a batch that ends
     in an exception becomes failure rows for its images. `progress(n)`: called with each finished batch's size."""
     settings = settings or EvaluationSettings()
-    if isinstance(report_concepts, bool) or not isinstance(report_concepts, int) or report_concepts < 0:
-        raise InputError(f"report_concepts must be an integer >= 0, got {report_concepts!r}")
+    check_integer("report_concepts", report_concepts, 0)
     other = None
     if compare is not None:
         other = evaluate_run(compare, settings, store_uri=store_uri, batch_size=batch_size,
@@ -370,6 +365,7 @@ def evaluate_run(run_uri: str, settings: EvaluationSettings | None = None, *, st
             load_metric_models(settings)
     shown = frozenset(sorted({item.concept_id for item in items})[:report_concepts])
     batches = batch_items(items, batch_size, shown)
+
     def run_here(batch: EvalBatch) -> EvalBatchResult:
         return evaluate_batch(run.root, settings, batch)
 

@@ -42,7 +42,7 @@ from elite.data.objects import ObjectStore
 from elite.data.prompts import PromptSpec, WorkItem, batch_work, plan_work
 from elite.data.sources import ConceptRef, check_concept_id
 from elite.data.storage import AnyEmbeddingStore
-from elite.errors import Failure, InputError
+from elite.errors import Failure, InputError, check_integer
 from elite.fileio import sha256_bytes
 from elite.jobs.common import (
     IO_THREADS,
@@ -380,8 +380,7 @@ def generate_catalog(embeddings: AnyEmbeddingStore, prompts: Sequence[PromptSpec
     `run_batches`: how batches run (default: one after the other, here); a batch that ends in an exception
     becomes failure rows for its images. `progress(n)`: called with the images of each finished batch.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_integer("batch_size", batch_size, 1)
     started = time.perf_counter()
     clock = Stopwatch()
     slots = list(devices) if devices else cuda_devices()

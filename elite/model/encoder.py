@@ -39,6 +39,14 @@ class ConceptEncoder(Protocol):
                concept_ids: Sequence[str] | None = None) -> list[ConceptEmbedding]: ...
 
 
+def vision_features(vision_model: CLIPVisionModel, pixel_values: torch.Tensor,
+                    feature_layers: tuple[int, ...] = FEATURE_LAYERS) -> list[torch.Tensor]:
+    """The five feature maps the mappers read (method doc, "Multi-layer features"): the last layer's output, then
+    hidden states 4, 8, 12 and 16, each (batch, 1 + patches, hidden)."""
+    out = vision_model(pixel_values=pixel_values, output_hidden_states=True)
+    return [out.last_hidden_state, *(out.hidden_states[i] for i in feature_layers)]
+
+
 class ConceptEncoderModule(nn.Module):
     """Tensors in, tensors out: the graph exported to ONNX and run by the torch encoder."""
 
@@ -54,8 +62,7 @@ class ConceptEncoderModule(nn.Module):
                 mask_grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = pixel_values.shape[0]
         both = torch.cat([pixel_values, object_pixel_values], dim=0)  # (2 * batch, 3, size, size)
-        out = self.vision_model(pixel_values=both, output_hidden_states=True)
-        features = [out.last_hidden_state, *(out.hidden_states[i] for i in self.feature_layers)]
+        features = vision_features(self.vision_model, both, self.feature_layers)
         words = self.global_mapper([f[:batch] for f in features])  # (batch, 5, text_dim)
         local_tokens = self.local_mapper([f[batch:] for f in features])  # (batch, patches, text_dim)
         patch_mask = mask_grid.reshape(batch, -1, 1).to(local_tokens.dtype)  # (batch, patches, 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -80,6 +81,15 @@ class _Mapper(nn.Module):
             cls_out = getattr(self, f"mapping_{i}")(cls_token)  # (batch, 1, out)
             outputs.append((cls_out, getattr(self, f"mapping_patch_{i}")(patch_tokens)))  # (batch, patches, out)
         return outputs
+
+
+def copy_unet_key_values(mapper: _Mapper, unet: nn.Module) -> None:
+    """Start every k/v copy of `mapper` from its UNet layer's own `to_k`/`to_v` (method doc: how training begins)."""
+    for path, _ in mapper.config.cross_attention_layers:
+        to_k, to_v = mapper.key_value(path)
+        host: Any = unet.get_submodule(path)  # a diffusers Attention
+        to_k.weight.data.copy_(host.to_k.weight.data)
+        to_v.weight.data.copy_(host.to_v.weight.data)
 
 
 class GlobalMapper(_Mapper):

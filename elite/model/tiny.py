@@ -30,7 +30,13 @@ from transformers import (
     ViTModel,
 )
 
-from elite.model.mappers import GlobalMapper, LocalMapper, MapperConfig, cross_attention_layers
+from elite.model.mappers import (
+    GlobalMapper,
+    LocalMapper,
+    MapperConfig,
+    copy_unet_key_values,
+    cross_attention_layers,
+)
 
 TEXT_DIM = 32
 VISION_DIM = 32
@@ -121,11 +127,7 @@ def make_tiny_models(out_dir: str | os.PathLike[str], seed: int = 0) -> TinyMode
                           cross_attention_layers=cross_attention_layers(unet))
     for cls, path in ((GlobalMapper, paths.global_mapper), (LocalMapper, paths.local_mapper)):
         mapper = cls(config)
-        for layer, _ in config.cross_attention_layers:  # as in training: k/v copies start from the UNet's
-            to_k, to_v = mapper.key_value(layer)
-            host = unet.get_submodule(layer)
-            to_k.weight.data.copy_(host.to_k.weight.data)
-            to_v.weight.data.copy_(host.to_v.weight.data)
+        copy_unet_key_values(mapper, unet)  # as in training
         torch.save(mapper.state_dict(), path)  # the release's format: a pickled plain state dict
     return paths
 

@@ -40,12 +40,18 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel, get_constant_schedule_with_warmup
 
-from elite.errors import EliteError, InputError
+from elite.errors import EliteError, InputError, check_integer
 from elite.fileio import atomic_path
 from elite.model.attention import LocalInjection, elite_attention
 from elite.model.checkpoints import load_mapper, load_pretrained, save_safetensors
-from elite.model.encoder import FEATURE_LAYERS
-from elite.model.mappers import GlobalMapper, LocalMapper, MapperConfig, cross_attention_layers
+from elite.model.encoder import vision_features
+from elite.model.mappers import (
+    GlobalMapper,
+    LocalMapper,
+    MapperConfig,
+    copy_unet_key_values,
+    cross_attention_layers,
+)
 from elite.model.pipeline import REFERENCE, ElitePipeline
 from elite.model.preprocessing import open_image
 from elite.model.text import encode_prompts
@@ -92,11 +98,8 @@ class TrainSettings:
             raise InputError("stage 2 (local) trains on top of a stage-1 global mapper: give global_mapper")
         for name in ("steps", "batch_size", "gradient_accumulation", "checkpoint_every", "resolution",
                      "validation_concepts", "validation_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{name} must be an integer >= 1, got {value!r}")
-        if isinstance(self.validate_every, bool) or not isinstance(self.validate_every, int) or self.validate_every < 0:
-            raise InputError(f"validate_every must be an integer >= 0, got {self.validate_every!r}")
+            check_integer(name, getattr(self, name), 1)
+        check_integer("validate_every", self.validate_every, 0)
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise InputError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -145,11 +148,7 @@ def new_mapper(cls: type[GlobalMapper] | type[LocalMapper], frozen: FrozenModels
     mapper = cls(MapperConfig(input_dim=frozen.vision.config.hidden_size,
                               hidden_dim=frozen.vision.config.hidden_size,
                               output_dim=frozen.text_encoder.config.hidden_size, cross_attention_layers=layers))
-    for path, _ in layers:
-        to_k, to_v = mapper.key_value(path)
-        host = frozen.unet.get_submodule(path)
-        to_k.weight.data.copy_(host.to_k.weight.data)
-        to_v.weight.data.copy_(host.to_v.weight.data)
+    copy_unet_key_values(mapper, frozen.unet)
     return mapper
 
 
@@ -166,9 +165,8 @@ def _mappers(settings: TrainSettings, frozen: FrozenModels) -> tuple[GlobalMappe
 
 
 def _features(vision: Any, pixels: torch.Tensor) -> list[torch.Tensor]:
-    with torch.no_grad():
-        out = vision(pixel_values=pixels, output_hidden_states=True)
-    return [out.last_hidden_state, *(out.hidden_states[i] for i in FEATURE_LAYERS)]
+    with torch.no_grad():  # the vision tower is frozen
+        return vision_features(vision, pixels)
 
 
 def training_loss(stage: Stage, frozen: FrozenModels, glob: GlobalMapper, local: LocalMapper | None,
