@@ -32,11 +32,11 @@ gradient checkpointing, batch 1, 2 and 4. The script then adds up weights, gradi
 for AdamW (fp32 states: 16 bytes per trained parameter with weight and gradient) and 8-bit Adam (weight 4 + grad 4
 + 2 bytes of states).
 
-Gradient checkpointing: `training_loss` leaves `elite_attention` before it returns, so `backward()` would recompute
-checkpointed UNet blocks with diffusers' own processors; torch's checkpoint notices (a different number of saved
-tensors) and raises. The checkpointed cases here therefore keep the ELITE processors installed until after the
-backward (what a trainer with checkpointing would have to do); the tiny cases record the error without that and
-check that the gradients with checkpointing equal those without.
+Gradient checkpointing: without `hold`, `training_loss` leaves `elite_attention` before it returns, so `backward()`
+would recompute checkpointed UNet blocks with diffusers' own processors; torch's checkpoint notices (a different
+number of saved tensors) and raises. The trainer therefore passes `hold` (an ExitStack closed after the backward),
+and so do the checkpointed cases here; the tiny cases record the error without it and check that the gradients
+with checkpointing equal those without.
 
     python benchmarks/bench_train.py            # tiny, mid and real; about 17 min on 2 cores
     python benchmarks/bench_train.py --quick    # tiny only, 1 rep, fake real-size counts at batch 1: ~3 min
@@ -59,7 +59,6 @@ import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -70,15 +69,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import announce, core_count, exact_command, gemm_probe, rusage, save_results
 
-import elite.training.trainer as trainer_module
 from elite.data.sources import list_concepts
 from elite.data.storage import open_store
 from elite.jobs.common import Locations
-from elite.model.attention import elite_attention
 from elite.model.configs import CLIP_L14_VISION_CONFIG, SD14_UNET_CONFIG
 from elite.model.mappers import GlobalMapper, LocalMapper
 from elite.training.data import ConceptDataset, collate
-from elite.training.trainer import FrozenModels, TrainSettings, load_frozen, new_mapper, training_loss
+from elite.training.models import FrozenModels, load_frozen, load_mappers, new_mapper
+from elite.training.settings import TrainSettings
+from elite.training.trainer import sample_generators, training_loss
 
 CONCEPT_DIR = Path("/work/shared/data/elite-test-concepts")
 MiB = 2**20
@@ -144,25 +143,6 @@ class LiveTensorBytes(TorchDispatchMode):
         return result
 
 
-class HeldAttention:
-    """`elite_attention` whose processors stay installed until `release()`: with gradient checkpointing the
-    backward recomputes UNet blocks, which must see the same processors as the forward."""
-
-    def __init__(self) -> None:
-        self.held: list[Any] = []
-
-    @contextlib.contextmanager
-    def __call__(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        manager = elite_attention(*args, **kwargs)
-        installed = manager.__enter__()
-        self.held.append(manager)
-        yield installed
-
-    def release(self) -> None:
-        while self.held:
-            self.held.pop().__exit__(None, None, None)
-
-
 # --------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------
@@ -224,7 +204,7 @@ def load_case_models(spec: dict[str, Any]) -> tuple[FrozenModels, GlobalMapper, 
                              resolution=spec["resolution"])
     frozen = load_frozen(settings)
     torch.manual_seed(0)  # train() seeds before making the mappers too
-    glob, local = trainer_module._mappers(settings, frozen)
+    glob, local = load_mappers(settings, frozen)
     return frozen, glob, local
 
 
@@ -255,9 +235,8 @@ def concept_batch(stage: str, resolution: int, batch: int) -> tuple[dict[str, An
     dataset = ConceptDataset(list_concepts(store), Locations(store), stage, resolution=resolution)  # type: ignore[arg-type]
     seconds, result = [], None
     for epoch in range(3):
-        dataset.epoch = epoch
         start = time.perf_counter()
-        result = collate([dataset[i % len(dataset)] for i in range(batch)])
+        result = collate([dataset[(epoch, i % len(dataset))] for i in range(batch)])
         seconds.append(time.perf_counter() - start)
     assert result is not None
     return result, statistics.median(seconds)
@@ -280,11 +259,12 @@ class Step:
         if checkpointing:
             frozen.unet.enable_gradient_checkpointing()
 
-    def loss(self, seed: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
+    def loss(self, seed: int, hold: contextlib.ExitStack | None = None) -> torch.Tensor:
+        generators = sample_generators(seed, 0, 0, len(self.batch["prompts"]), fixed=False)
         context = torch.autocast("cpu", dtype=self.autocast) if self.autocast else contextlib.nullcontext()
         with context:
-            return training_loss(self.stage, self.frozen, self.glob, self.local, self.batch, generator)  # type: ignore[arg-type]
+            return training_loss(self.stage, self.frozen, self.glob, self.local, self.batch, generators,  # type: ignore[arg-type]
+                                 hold=hold)
 
     def forward(self, seed: int) -> float:
         with torch.no_grad():
@@ -293,28 +273,18 @@ class Step:
     def backward(self, seed: int, hold: bool) -> torch.Tensor:
         """The loss's gradients into the trained mapper, the ELITE processors held until after the backward or
         (hold False) restored before it, as `training_loss` does."""
-        held = HeldAttention() if hold else None
-        with mock.patch.object(trainer_module, "elite_attention", held) if held else contextlib.nullcontext():
-            loss = self.loss(seed)
-            try:
-                loss.backward()
-            finally:
-                if held:
-                    held.release()
+        with contextlib.ExitStack() as held:
+            loss = self.loss(seed, held if hold else None)
+            loss.backward()
         return loss.detach()
 
     def train(self, seed: int, counter: LiveTensorBytes | None = None) -> dict[str, float]:
         marks: dict[str, float] = {}
-        held = HeldAttention() if self.checkpointing else None
-        with mock.patch.object(trainer_module, "elite_attention", held) if held else contextlib.nullcontext():
-            loss = self.loss(seed)
+        with contextlib.ExitStack() as held:
+            loss = self.loss(seed, held if self.checkpointing else None)
             if counter is not None:
                 marks["after_forward"] = counter.current
-            try:
-                loss.backward()
-            finally:
-                if held:
-                    held.release()
+            loss.backward()
         if counter is not None:
             marks["after_backward"] = counter.current
         torch.nn.utils.clip_grad_norm_(self.trained.parameters(), 1.0)

@@ -167,7 +167,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_readable(open_store(args.concepts), "concepts")
     args.quiet()
     from elite.jobs.train import train_catalog  # the model side: when needed
-    from elite.training.trainer import TrainSettings
+    from elite.training.settings import TrainSettings
 
     settings = TrainSettings(
         args.stage, str(models["pretrained_model"]), str(models["vision_model"]), args.out,

@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from elite.jobs.models import resolve_models
 from elite.jobs.train import TrainReport, train_catalog
-from elite.training.trainer import TrainSettings
+from elite.training.settings import TrainSettings
 from flows._common import capture_library_logs, publish
 
 

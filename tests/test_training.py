@@ -19,8 +19,9 @@ from elite.model.checkpoints import read_state_dict
 from elite.model.pipeline import ElitePipeline
 from elite.model.tiny import TinyModels
 from elite.training.data import ConceptDataset, Stage, collate
-from elite.training.trainer import TrainSettings, load_frozen, train, training_loss
-from elite.training.trainer import _mappers as mappers
+from elite.training.models import load_frozen, load_mappers
+from elite.training.settings import TrainSettings
+from elite.training.trainer import sample_generators, train, training_loss
 from elite_cli.main import main
 
 CONCEPTS = ("1", "2", "3", "7")
@@ -63,10 +64,10 @@ def test_exactly_the_trained_tensors_get_gradients(stage: Stage, tiny_models: Ti
                                                    tmp_path: Path) -> None:
     settings = _settings(tiny_models, stage, tmp_path)
     frozen = load_frozen(settings)
-    glob, local = mappers(settings, frozen)
+    glob, local = load_mappers(settings, frozen)
     batch = collate([_dataset(catalog, stage)[i] for i in range(2)])
     assert batch is not None
-    loss = training_loss(stage, frozen, glob, local, batch, torch.Generator().manual_seed(0))
+    loss = training_loss(stage, frozen, glob, local, batch, sample_generators(0, 0, 0, 2, fixed=False))
     loss.backward()
     trained = glob if stage == "global" else local
     assert trained is not None

@@ -10,7 +10,8 @@ from elite.data.storage import open_store
 from elite.errors import Failure
 from elite.jobs.common import Locations, check_readable
 from elite.training.data import ConceptDataset
-from elite.training.trainer import TrainResult, TrainSettings, train
+from elite.training.settings import TrainSettings
+from elite.training.trainer import TrainResult, train
 
 
 @dataclass(frozen=True)

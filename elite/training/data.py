@@ -5,9 +5,12 @@
     batch = collate([data[i] for i in range(4)])                  # bad samples are None and dropped here
 
 Each example crops the object's box (from its mask; the whole image without one) with padding, then augments
-(method doc, "Reference training settings"): stage 1 ("global") flips, rotates within 20 degrees and blurs;
-stage 2 ("local") scales the object down on black and says so in its prompt ("a far away S"). The CLIP inputs are
-made by the encoder's own preprocessing (elite.model.preprocessing), so training sees what inference sees.
+(method doc, "Reference training settings"): stage 1 ("global") flips, rotates within 20 degrees, blurs and
+elastically warps the CLIP input only (the UNet reconstructs the crop as it is: the mapper learns to see through
+the augmentations); stage 2 ("local") scales the object down on black, for the UNet and CLIP alike, and says so in
+its prompt ("a far away S"). `masks_any_size` (Open Images, whose mask PNGs are not stored at the image's size)
+resizes a mask of the image's aspect to the image, nearest neighbour, as the authors' data scripts do. The CLIP
+inputs are made by the encoder's own preprocessing (elite.model.preprocessing), so training sees what inference sees.
 Images without a mask train stage 1 only. A sample that cannot be used (corrupt image, mask missing in stage 2,
 empty mask) is logged with its reason and skipped; the epoch goes on.
 """
@@ -22,6 +25,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from elite.data.sources import ConceptRef
@@ -45,6 +49,9 @@ TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a cropped photo of the {
 FAR_PREFIXES = ("a far away", "very small")  # stage 2: the object scaled down
 NEAR_PREFIXES = ("zoomed in", "close up")  # stage 2: the object filling the frame
 PADDING = 0.1  # of the box's size on each side, around the object's box
+CLIP_SIZE = 224  # stage 1 augments the CLIP input at the size CLIP sees
+ELASTIC = (0.25, 30.0, 5.0)  # probability, displacement scale and smoothness (pixels at CLIP_SIZE)
+ASPECT_TOLERANCE = 0.02  # masks_any_size: a mask's aspect ratio may differ from the image's by this much
 
 
 @dataclass(frozen=True)
@@ -59,10 +66,11 @@ class TrainingExample:
 
 
 class ConceptDataset(torch.utils.data.Dataset[TrainingExample | None]):
-    """Catalog concepts as training examples; `stage` "local" keeps only concepts with a mask."""
+    """Catalog concepts as training examples; `stage` "local" keeps only concepts with a mask. Index with an int
+    (epoch 0) or an (epoch, index) pair: each epoch augments differently, reproducibly, in any worker process."""
 
     def __init__(self, refs: Sequence[ConceptRef], locations: Locations, stage: Stage = "global",
-                 resolution: int = 512, seed: int = 0, augment: bool = True) -> None:
+                 resolution: int = 512, seed: int = 0, augment: bool = True, masks_any_size: bool = False) -> None:
         if stage not in ("global", "local"):
             raise InputError(f"stage must be 'global' or 'local', got {stage!r}")
         if resolution % 8 or resolution < 64:
@@ -75,38 +83,52 @@ class ConceptDataset(torch.utils.data.Dataset[TrainingExample | None]):
         if not self.refs:
             raise InputError(f"no concepts to train stage {stage!r} on" + (" (it needs masks)" if unmasked else ""))
         self.locations, self.stage, self.resolution = locations, stage, resolution
-        self.seed, self.augment = seed, augment
+        self.seed, self.augment, self.masks_any_size = seed, augment, masks_any_size
         self.preprocessor = ConceptPreprocessor()
-        self.epoch = 0  # set by the trainer: each epoch augments differently, reproducibly
 
     def __len__(self) -> int:
         return len(self.refs)
 
-    def __getitem__(self, index: int) -> TrainingExample | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> TrainingExample | None:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         ref = self.refs[index]
         try:
-            return self._example(ref, random.Random(f"{self.seed}:{self.epoch}:{index}"))
+            return self._example(ref, random.Random(f"{self.seed}:{epoch}:{index}"))
         except EliteError as err:
             logger.warning("skipped training sample %s: %s", ref.concept_id, err)
             return None
 
+    def read_mask(self, ref: ConceptRef, photo: Image.Image) -> Image.Image:
+        """`ref`'s mask image (it has one); with `masks_any_size`, resized to `photo` when only its scale differs."""
+        assert ref.mask is not None
+        uri = self.locations.uri(ref.mask)
+        mask = open_image(self.locations.get(ref.mask), uri)
+        if not self.masks_any_size or mask.size == photo.size:
+            return mask  # find_object refuses another size, naming the mask
+        if abs(mask.width / mask.height - photo.width / photo.height) > ASPECT_TOLERANCE * photo.width / photo.height:
+            raise InputError(f"{uri}: mask {mask.width}x{mask.height} does not have the aspect ratio of its image "
+                             f"{photo.width}x{photo.height}")
+        return mask.resize(photo.size, Image.Resampling.NEAREST)
+
     def _example(self, ref: ConceptRef, rng: random.Random) -> TrainingExample:
         photo = open_image(self.locations.get(ref.image), self.locations.uri(ref.image))
-        mask_image = None if ref.mask is None else open_image(self.locations.get(ref.mask),
-                                                              self.locations.uri(ref.mask))
+        mask_image = None if ref.mask is None else self.read_mask(ref, photo)
         mask = find_object(photo, mask_image, self.locations.uri(ref.mask or ref.image))  # the encoder's rule
         image = to_rgb(photo)
         image, mask = _crop(image, mask)
+        clip_image, clip_mask = image, mask
         template = rng.choice(TEMPLATES).format(PLACEHOLDER)
         if self.augment and self.stage == "global":
-            image, mask = _augment_global(image, mask, rng)
+            clip_image, clip_mask = _augment_global(image, mask, rng)
         elif self.augment:
             scale = rng.uniform(0.5, 1.0)
             image, mask = _scale_down(image, mask, scale)
             prefix = rng.choice(FAR_PREFIXES) if scale < 0.7 else rng.choice(NEAR_PREFIXES) if scale > 0.9 else ""
             template = f"{prefix} {template}" if prefix else template
+            clip_image, clip_mask = image, mask
         mask_picture = Image.fromarray(mask.astype(np.uint8) * 255)
-        prepared = self.preprocessor(image, mask_picture, name=ref.concept_id)
+        prepared = self.preprocessor(clip_image, Image.fromarray(clip_mask.astype(np.uint8) * 255),
+                                     name=ref.concept_id)
         size = (self.resolution, self.resolution)
         vae = np.asarray(image.resize(size, Image.Resampling.BICUBIC), dtype=np.float32) / 127.5 - 1.0
         latent = self.resolution // 8
@@ -130,8 +152,11 @@ def _crop(image: Image.Image, mask: np.ndarray) -> tuple[Image.Image, np.ndarray
 
 
 def _augment_global(image: Image.Image, mask: np.ndarray, rng: random.Random) -> tuple[Image.Image, np.ndarray]:
-    """Stage 1: horizontal flip, rotation within 20 degrees, blur (the reference's CLIP-side augmentations)."""
-    picture = Image.fromarray(mask.astype(np.uint8) * 255)
+    """Stage 1's CLIP input: at CLIP's size, horizontal flip, rotation within 20 degrees, blur, elastic warp (the
+    reference's CLIP-side augmentations)."""
+    size = (CLIP_SIZE, CLIP_SIZE)
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    picture = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
     if rng.random() < 0.5:
         image, picture = (p.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for p in (image, picture))
     angle = rng.uniform(-20.0, 20.0)
@@ -139,8 +164,36 @@ def _augment_global(image: Image.Image, mask: np.ndarray, rng: random.Random) ->
     picture = picture.rotate(angle, Image.Resampling.NEAREST)
     if rng.random() < 0.3:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2.0)))
-    rotated = np.asarray(picture) > 0
-    return image, rotated if rotated.any() else mask  # a sliver rotated out of frame keeps its mask
+    if rng.random() < ELASTIC[0]:
+        image, picture = _elastic(image, picture, rng)
+    moved = np.asarray(picture) > 0
+    if not moved.any():  # a sliver rotated out of frame keeps its mask
+        moved = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
+    return image, moved
+
+
+def _elastic(image: Image.Image, mask: Image.Image, rng: random.Random) -> tuple[Image.Image, Image.Image]:
+    """A smooth random displacement (uniform noise, Gaussian-smoothed, scaled) applied to the image (bilinear) and
+    its mask (nearest)."""
+    _, scale, sigma = ELASTIC
+    generator = torch.Generator().manual_seed(rng.getrandbits(63))
+    field = torch.rand((2, 1, image.height, image.width), generator=generator) * 2 - 1
+    radius = int(3 * sigma)
+    kernel = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    field = F.conv2d(F.pad(field, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    field = F.conv2d(F.pad(field, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    field = field / field.abs().amax().clamp_min(1e-6) * scale  # pixels
+    ys, xs = torch.meshgrid(torch.arange(image.height, dtype=torch.float32),
+                            torch.arange(image.width, dtype=torch.float32), indexing="ij")
+    grid = torch.stack([(xs + field[0, 0]) / (image.width - 1), (ys + field[1, 0]) / (image.height - 1)], -1)
+    grid = (grid * 2 - 1)[None]
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+    warped = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    marks = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
+    warped_mask = F.grid_sample(marks, grid, mode="nearest", padding_mode="zeros", align_corners=True)
+    return (Image.fromarray(warped[0].permute(1, 2, 0).clamp(0, 255).round().byte().numpy()),
+            Image.fromarray(warped_mask[0, 0].round().byte().numpy()))
 
 
 def _scale_down(image: Image.Image, mask: np.ndarray, scale: float) -> tuple[Image.Image, np.ndarray]:
