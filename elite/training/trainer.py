@@ -34,6 +34,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,7 +189,11 @@ def train(settings: TrainSettings, dataset: ConceptDataset, progress: bool = Tru
     """Train the stage's mapper for `settings.steps` optimizer steps (from a checkpoint with `resume`)."""
     output = Path(settings.output_dir)
     accelerator = Accelerator(mixed_precision=settings.mixed_precision, project_dir=str(output),
-                              log_with="tensorboard" if _has_tensorboard() else None)
+                              log_with="tensorboard" if _has_tensorboard() else None, cpu=not _has_accelerator())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # else every process would think it is the main one
+        raise InputError(f"launched as {launched} processes (WORLD_SIZE) but accelerate runs as "
+                         f"{accelerator.num_processes}: check the launcher's settings (docs/training.md)")
     frozen = load_frozen(settings)
     if settings.gradient_checkpointing:
         frozen.unet.enable_gradient_checkpointing()
@@ -271,6 +276,12 @@ def train(settings: TrainSettings, dataset: ConceptDataset, progress: bool = Tru
     accelerator.end_training()
     result.steps = step
     return result
+
+
+def _has_accelerator() -> bool:
+    """A CUDA (or MPS, XPU) device: without one accelerate runs several launched processes only with cpu=True."""
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
 def _has_tensorboard() -> bool:
