@@ -175,8 +175,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, gradient_accumulation=args.gradient_accumulation,
         learning_rate=args.learning_rate, scale_lr=not args.no_scale_lr, warmup_steps=args.warmup_steps,
         mixed_precision=args.mixed_precision, seed=args.seed, resolution=args.resolution,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, validate_every=args.validate_every)
-    report = train_catalog(args.concepts, settings, manifest=args.manifest, augment=not args.no_augment)
+        checkpoint_every=args.checkpoint_every, resume=args.resume, validate_every=args.validate_every,
+        gradient_checkpointing=args.gradient_checkpointing, num_workers=args.num_workers)
+    report = train_catalog(args.concepts, settings, manifest=args.manifest, augment=not args.no_augment,
+                           layout=args.layout, split=args.split, limit=args.limit)
     print_failures(report.failures)
     result = report.result
     change = f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, " if result.losses else ""

@@ -219,8 +219,14 @@ def _train_command(sub: Any) -> None:
                        "checkpoints OUT/checkpoint-<step>/ and TensorBoard logs. Several GPUs: `accelerate "
                        "launch -m elite_cli train ...`.")
     p.add_argument("stage", choices=("global", "local"), help="global: stage 1; local: stage 2")
-    p.add_argument("--concepts", required=True, help="folder or s3:// prefix of images (N.jpg + N_bg.png)")
+    p.add_argument("--concepts", required=True, help="folder or s3:// prefix of images (N.jpg + N_bg.png), or of "
+                   "an Open Images V6 download with --layout openimages")
     p.add_argument("--manifest", help="a CSV/JSONL manifest key inside --concepts, instead of the folder listing")
+    p.add_argument("--layout", choices=("catalog", "openimages"), default="catalog", help="catalog: the pipeline's "
+                   "layout; openimages: <split>-annotations-object-segmentation.csv, <split>/, <split>-masks/")
+    p.add_argument("--split", choices=("train", "validation", "test"), default="test",
+                   help="--layout openimages: the split (the paper trained on test)")
+    p.add_argument("--limit", type=positive, help="train on the first N concepts only")
     p.add_argument("--out", required=True, help="local folder for checkpoints, logs and the trained mapper")
     p.add_argument("--global-mapper", help="stage 1: start from these weights (default: from scratch, k/v copies "
                    "from the UNet); stage 2: the frozen stage-1 mapper (required)")
@@ -239,7 +245,11 @@ def _train_command(sub: Any) -> None:
     p.add_argument("--resume", help="a checkpoint folder, or latest (the newest in --out)")
     p.add_argument("--validate-every", type=non_negative, default=0, help="steps between validation images of the "
                    "first two concepts (OUT/validation/step-<n>/; 0: none)")
-    p.add_argument("--no-augment", action="store_true", help="no flips, rotations, blur or scaling")
+    p.add_argument("--no-augment", action="store_true", help="no flips, rotations, blur, elastic warps or scaling")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet blocks in the backward: "
+                   "less memory for ~30%% more time")
+    p.add_argument("--num-workers", type=non_negative, default=0, help="data-loading processes per training "
+                   "process (0: read samples in the training process)")
     group = p.add_argument_group("models (hub ids or folders; the environment variables give defaults)")
     for name in ("pretrained_model", "vision_model"):
         group.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"{MODEL_HELP[name]} [${MODEL_ENV[name]}]")

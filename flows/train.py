@@ -17,15 +17,17 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from elite.jobs.models import resolve_models
-from elite.jobs.train import TrainReport, train_catalog
+from elite.jobs.train import Layout, TrainReport, train_catalog
 from elite.training.settings import TrainSettings
 from flows._common import capture_library_logs, publish
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train {settings.stage} mapper")
-def train_task(concepts_uri: str, settings: TrainSettings, manifest: str | None, augment: bool) -> TrainReport:
+def train_task(concepts_uri: str, settings: TrainSettings, manifest: str | None, augment: bool, layout: Layout,
+               split: str, limit: int | None) -> TrainReport:
     capture_library_logs()
-    return train_catalog(concepts_uri, settings, manifest=manifest, augment=augment, progress=False)
+    return train_catalog(concepts_uri, settings, manifest=manifest, augment=augment, layout=layout, split=split,
+                         limit=limit, progress=False)
 
 
 @flow(name="train-mapper", flow_run_name="train {stage} mapper on {concepts_uri}", log_prints=True)
@@ -35,7 +37,9 @@ def train_mapper(stage: str, concepts_uri: str, output_dir: str, manifest: str |
                  batch_size: int = 4, gradient_accumulation: int = 4, learning_rate: float | None = None,
                  scale_lr: bool = True, warmup_steps: int = 0, mixed_precision: str = "no", seed: int = 0,
                  resolution: int = 512, checkpoint_every: int = 500, resume: str | None = None,
-                 augment: bool = True, validate_every: int = 0) -> dict[str, Any]:
+                 augment: bool = True, validate_every: int = 0, layout: Layout = "catalog", split: str = "test",
+                 limit: int | None = None, gradient_checkpointing: bool = False,
+                 num_workers: int = 0) -> dict[str, Any]:
     """Train the `stage` ("global" or "local") mapper on the concepts of `concepts_uri` (or its `manifest`) into
     `output_dir`; the arguments are `elite train`'s options. Returns steps, losses and the mapper's path."""
     capture_library_logs()
@@ -46,8 +50,9 @@ def train_mapper(stage: str, concepts_uri: str, output_dir: str, manifest: str |
                              batch_size=batch_size, gradient_accumulation=gradient_accumulation,
                              learning_rate=learning_rate, scale_lr=scale_lr, warmup_steps=warmup_steps,
                              mixed_precision=mixed_precision, seed=seed, resolution=resolution,
-                             checkpoint_every=checkpoint_every, resume=resume, validate_every=validate_every)
-    report = train_task(concepts_uri, settings, manifest, augment)
+                             checkpoint_every=checkpoint_every, resume=resume, validate_every=validate_every,
+                             gradient_checkpointing=gradient_checkpointing, num_workers=num_workers)
+    report = train_task(concepts_uri, settings, manifest, augment, layout, split, limit)
     result = report.result
     losses = result.losses
     publish("train-mapper", f"Train the {stage} mapper", {

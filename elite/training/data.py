@@ -9,7 +9,8 @@ Each example crops the object's box (from its mask; the whole image without one)
 elastically warps the CLIP input only (the UNet reconstructs the crop as it is: the mapper learns to see through
 the augmentations); stage 2 ("local") scales the object down on black, for the UNet and CLIP alike, and says so in
 its prompt ("a far away S"). `masks_any_size` (Open Images, whose mask PNGs are not stored at the image's size)
-resizes a mask of the image's aspect to the image, nearest neighbour, as the authors' data scripts do. The CLIP
+resizes a mask of the image's aspect to the image, nearest neighbour, as the authors' data scripts do; `min_box`
+skips objects whose box has a side under that many pixels (stage 2 on Open Images: 100). The CLIP
 inputs are made by the encoder's own preprocessing (elite.model.preprocessing), so training sees what inference sees.
 Images without a mask train stage 1 only. A sample that cannot be used (corrupt image, mask missing in stage 2,
 empty mask) is logged with its reason and skipped; the epoch goes on.
@@ -70,7 +71,8 @@ class ConceptDataset(torch.utils.data.Dataset[TrainingExample | None]):
     (epoch 0) or an (epoch, index) pair: each epoch augments differently, reproducibly, in any worker process."""
 
     def __init__(self, refs: Sequence[ConceptRef], locations: Locations, stage: Stage = "global",
-                 resolution: int = 512, seed: int = 0, augment: bool = True, masks_any_size: bool = False) -> None:
+                 resolution: int = 512, seed: int = 0, augment: bool = True, masks_any_size: bool = False,
+                 min_box: int = 0) -> None:
         if stage not in ("global", "local"):
             raise InputError(f"stage must be 'global' or 'local', got {stage!r}")
         if resolution % 8 or resolution < 64:
@@ -83,7 +85,7 @@ class ConceptDataset(torch.utils.data.Dataset[TrainingExample | None]):
         if not self.refs:
             raise InputError(f"no concepts to train stage {stage!r} on" + (" (it needs masks)" if unmasked else ""))
         self.locations, self.stage, self.resolution = locations, stage, resolution
-        self.seed, self.augment, self.masks_any_size = seed, augment, masks_any_size
+        self.seed, self.augment, self.masks_any_size, self.min_box = seed, augment, masks_any_size, min_box
         self.preprocessor = ConceptPreprocessor()
 
     def __len__(self) -> int:
@@ -114,6 +116,11 @@ class ConceptDataset(torch.utils.data.Dataset[TrainingExample | None]):
         photo = open_image(self.locations.get(ref.image), self.locations.uri(ref.image))
         mask_image = None if ref.mask is None else self.read_mask(ref, photo)
         mask = find_object(photo, mask_image, self.locations.uri(ref.mask or ref.image))  # the encoder's rule
+        if self.min_box:
+            rows, cols = np.nonzero(np.any(mask, axis=1))[0], np.nonzero(np.any(mask, axis=0))[0]
+            height, width = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+            if min(height, width) < self.min_box:
+                raise InputError(f"object box {width}x{height} px is under {self.min_box} px")
         image = to_rgb(photo)
         image, mask = _crop(image, mask)
         clip_image, clip_mask = image, mask
