@@ -167,6 +167,21 @@ def test_the_train_flow_runs_the_same_job(prefect_harness: None, tiny_models: Ti
         resume="latest")  # a scheduled run continues where the last one stopped
     assert again["steps"] == 3 and len(again["losses"]) == 1
 
+    from flows.personalize import personalize_catalog
+
+    def images(global_mapper: str, out: Path) -> dict[str, bytes]:
+        # the personalize flow (encode + generate) with this global mapper: image name -> PNG bytes
+        state = personalize_catalog(str(catalog), None, str(out), pretrained_model=str(tiny_models.pretrained_model),
+                                    vision_model=str(tiny_models.vision_model), global_mapper=global_mapper,
+                                    local_mapper=str(tiny_models.local_mapper), steps=2, height=64, width=64)
+        assert state["failures"] == [] and state["generated"] == 2 * len(CONCEPTS)
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted((out / "images").rglob("*.png"))}
+
+    trained = images(again["mapper_path"], tmp_path / "trained")
+    release = images(str(tiny_models.global_mapper), tmp_path / "release")
+    assert trained.keys() == release.keys() and len(trained) == 2 * len(CONCEPTS)  # two default prompts each
+    assert all(trained[name] != release[name] for name in trained)
+
 
 def test_gradient_checkpointing_and_loader_workers_change_nothing(tiny_models: TinyModels, catalog: Path,
                                                                   tmp_path: Path) -> None:
