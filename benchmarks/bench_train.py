@@ -72,7 +72,7 @@ from _common import announce, core_count, exact_command, gemm_probe, rusage, sav
 from elite.data.sources import list_concepts
 from elite.data.storage import open_store
 from elite.jobs.common import Locations
-from elite.model.configs import CLIP_L14_VISION_CONFIG, SD14_UNET_CONFIG
+from elite.model.configs import CLIP_L14_TEXT_CONFIG, CLIP_L14_VISION_CONFIG, SD14_UNET_CONFIG, SD14_VAE_CONFIG
 from elite.model.mappers import GlobalMapper, LocalMapper
 from elite.training.data import ConceptDataset, collate
 from elite.training.models import FrozenModels, load_frozen, load_mappers, new_mapper
@@ -84,14 +84,6 @@ MiB = 2**20
 GiB = 2**30
 RELEASE_MAPPER_PARAMS = 48_074_240  # method doc: each mapper file
 # CompVis/stable-diffusion-v1-4 vae/config.json (the fields that shape the network)
-SD14_VAE_CONFIG: dict[str, Any] = {
-    "block_out_channels": [128, 256, 512, 512], "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "layers_per_block": 2, "norm_num_groups": 32, "act_fn": "silu", "sample_size": 512, "scaling_factor": 0.18215}
-# openai/clip-vit-large-patch14 text_config (SD 1.4's text encoder)
-CLIP_L14_TEXT_CONFIG: dict[str, Any] = {
-    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768}
 # the mid config: bench_generation.build_models' arguments
 MID_ARGS: dict[str, Any] = {"model_seed": 0, "size": 256, "unet_channels": (128, 256, 256, 256), "unet_layers": 2,
                             "text_layers": 12, "vae_channels": (32, 64, 128, 128), "vision_dim": 512}

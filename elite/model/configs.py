@@ -52,6 +52,17 @@ CLIP_L14_VISION_CONFIG: dict[str, Any] = {
     "layer_norm_eps": 1e-5,
 }
 
+# CompVis/stable-diffusion-v1-4 vae/config.json (the fields that shape the network).
+SD14_VAE_CONFIG: dict[str, Any] = {
+    "block_out_channels": [128, 256, 512, 512], "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2, "norm_num_groups": 32, "act_fn": "silu", "sample_size": 512, "scaling_factor": 0.18215}
+
+# openai/clip-vit-large-patch14 text_config (SD 1.4's text encoder).
+CLIP_L14_TEXT_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768}
+
 # The 16 cross-attention layers of the SD 1.x UNet with their inner (query) width, in module order.
 SD1_CROSS_ATTENTION_LAYERS: tuple[tuple[str, int], ...] = (
     *(
