@@ -121,7 +121,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     settings = GenerationSettings(str(models["pretrained_model"]), str(models["global_mapper"]),
                                   str(models["local_mapper"]), args.encoder_id, args.steps, args.guidance_scale,
-                                  args.lambda_local, args.height, args.width, args.dtype)
+                                  args.lambda_local, args.height, args.width, args.dtype,
+                                  channels_last=args.channels_last, compile_backend=args.compile)
     devices = args.device.split(",") if args.device not in (None, "auto") else None
     with tqdm(desc="generating", unit="image") as bar:
         report = generate_catalog(embeddings, prompts, out, settings, concept_ids=args.concept,

@@ -56,6 +56,11 @@ def _sampler(parser: argparse.ArgumentParser, tiny_defaults: bool = False) -> No
                         "derived from it, the concept, the prompt and the image number)")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                         help="weights dtype: auto is float16 on CUDA, float32 on the CPU")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="UNet and VAE in channels-last memory format (default: on CUDA; docs/gpu.md)")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="torch.compile the UNet (backend: inductor unless named); the first batch of each "
+                             "size compiles, the rest reuse it (docs/gpu.md)")
 
 
 def build_parser(default_prompts: Sequence[str]) -> argparse.ArgumentParser:

@@ -95,7 +95,8 @@ def generate_images(store_uri: str, prompts_uri: str | None, out_uri: str, pretr
                     lambda_local: float = 0.8, height: int = 512, width: int = 512, batch_size: int = 4,
                     base_seed: int = 0, devices: list[str] | None = None, dtype: str = "auto",
                     concept_ids_uri: str | None = None, runner: str = "threads", ray_address: str | None = None,
-                    ray_stall_timeout: float = 900.0, images_per_prompt: int | None = None) -> dict[str, Any]:
+                    ray_stall_timeout: float = 900.0, images_per_prompt: int | None = None,
+                    channels_last: bool | None = None, compile_backend: str | None = None) -> dict[str, Any]:
     """Every (stored concept, prompt, image) of the prompt file at `prompts_uri` (None: two default prompts) ->
     a PNG under `out_uri`. `concept_ids`: only these stored concepts (default: all; an asked id missing from the
     store is a failure row); `concept_ids_uri`: the same, read from an object (a JSON array, or one id per line; for
@@ -104,6 +105,7 @@ def generate_images(store_uri: str, prompts_uri: str | None, out_uri: str, pretr
     `runner`: "threads" (this worker's devices) or "ray" (the cluster at `ray_address`, default RAY_ADDRESS, else
     a local Ray; `ray_stall_timeout`: seconds with no batch finished before the unfinished ones become failures).
     `images_per_prompt`: images per concept for every prompt (default: each prompt line's `images`, else 1).
+    `channels_last` (None: on CUDA) and `compile_backend` (torch.compile the UNet): docs/gpu.md.
     Models left out come from ELITE_* variables. Returns the job's report (GenerateReport) as a dict."""
     capture_library_logs()
     check_runner(runner)
@@ -116,7 +118,8 @@ def generate_images(store_uri: str, prompts_uri: str | None, out_uri: str, pretr
                             local_mapper=local_mapper)
     settings = GenerationSettings(str(models["pretrained_model"]), str(models["global_mapper"]),
                                   str(models["local_mapper"]), encoder_id, steps, guidance_scale, lambda_local,
-                                  height, width, dtype)
+                                  height, width, dtype, channels_last=channels_last,
+                                  compile_backend=compile_backend)
     prompts, prompt_failures = load_prompts(prompts_uri, images_per_prompt)
     if ray_options is not None:
         want = ray_device(devices or ["auto"])

@@ -51,7 +51,8 @@ def personalize_catalog(concepts_uri: str, prompts_uri: str | None, out_uri: str
                         compact_min_files: int | None = COMPACT_MIN_FILES, runner: str = "threads",
                         ray_address: str | None = None, ray_stall_timeout: float = 900.0,
                         images_per_prompt: int | None = None, evaluate: bool = False,
-                        clip_model: str | None = None, dino_model: str | None = None) -> dict[str, Any]:
+                        clip_model: str | None = None, dino_model: str | None = None,
+                        channels_last: bool | None = None, compile_backend: str | None = None) -> dict[str, Any]:
     """Encode the new concepts of `concepts_uri` (a folder, or the `manifest` key in it), then generate every
     image of the prompt file at `prompts_uri` (None: two default prompts) that the catalog's concepts lack, under
     `out_uri`/images. The encode step compacts the embedding table once `compact_min_files` small files have
@@ -89,7 +90,8 @@ def personalize_catalog(concepts_uri: str, prompts_uri: str | None, out_uri: str
                                     steps=steps,
                                     guidance_scale=guidance_scale, lambda_local=lambda_local, height=height,
                                     width=width, batch_size=generate_batch_size, base_seed=base_seed,
-                                    devices=devices, dtype=dtype, images_per_prompt=images_per_prompt)
+                                    devices=devices, dtype=dtype, images_per_prompt=images_per_prompt,
+                                    channels_last=channels_last, compile_backend=compile_backend)
     else:  # no concept of the catalog is stored (all failed, or none listed): nothing to generate, no flow run
         generated = {"generated": 0, "skipped": 0, "failures": [], "manifest_uri": None,
                      "seconds": {"model": 0.0, "io": 0.0}}

@@ -10,7 +10,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from elite.data.store import EmbeddingStore
 from elite.errors import InputError
@@ -94,6 +96,7 @@ BAD_GENERATE = {
     "empty prompts": (["--prompts", "{tmp}/empty.txt"], "no prompts in the file"),
     "comments only": (["--prompts", "{tmp}/comments.txt"], "no prompts in the file"),
     "unknown encoder": (["--encoder-id", "torch-0000"], "is stored under encoder 'torch-0000'"),
+    "compile backend": (["--compile", "nope"], "compile_backend must be one of torch.compile's backends"),
 }
 
 
@@ -123,12 +126,24 @@ def test_bad_generation_settings_are_one_error_before_any_work(case: str, one_co
     assert not out.exists()
 
 
+def test_generate_compiles_the_unet_when_asked(one_concept_store: Path, tiny_models: TinyModels,
+                                               tmp_path: Path) -> None:
+    plain, compiled = tmp_path / "plain", tmp_path / "compiled"
+    for out, extra in ((plain, ["--no-channels-last"]), (compiled, ["--compile", "eager", "--channels-last"])):
+        code = main(["generate", "--store", str(one_concept_store), "--out", str(out), "--height", "64", "--width",
+                     "64", "--steps", "2", "--prompt", "a photo of S", *extra, *_models(tiny_models, vision=False)])
+        assert code == 0
+    [a], [b] = (sorted(folder.rglob("*.png")) for folder in (plain, compiled))
+    difference = np.abs(np.asarray(Image.open(a), dtype=np.int16) - np.asarray(Image.open(b), dtype=np.int16))
+    assert difference.max() <= 1  # the same image, up to rounding of a value in 255
+
+
 def test_the_generate_flow_refuses_bad_settings_before_any_work(prefect_harness: None, one_concept_store: Path,
                                                                 tiny_models: TinyModels, tmp_path: Path) -> None:
     from flows.generate import generate_images
 
     (tmp_path / "p.txt").write_text("a photo of S\n")
-    for bad in ({"lambda_local": math.nan}, {"guidance_scale": math.inf}, {"steps": 0}):
+    for bad in ({"lambda_local": math.nan}, {"guidance_scale": math.inf}, {"steps": 0}, {"compile_backend": "x"}):
         state = generate_images(str(one_concept_store), str(tmp_path / "p.txt"), str(tmp_path / "out"),
                                 str(tiny_models.pretrained_model), str(tiny_models.global_mapper),
                                 str(tiny_models.local_mapper), height=64, width=64, return_state=True, **bad)

@@ -189,3 +189,25 @@ def test_device_and_dtype_arguments(tiny_models: TinyModels) -> None:
     with pytest.raises(InputError, match="dtype must be 'auto', 'float32', 'float16' or 'bfloat16', got 'fp8'"):
         ElitePipeline.from_pretrained(tiny_models.pretrained_model, None, tiny_models.global_mapper,
                                       tiny_models.local_mapper, torch_dtype="fp8")
+
+
+def test_a_compiled_channels_last_unet_gives_the_same_images_and_compiles_once(
+        tiny_models: TinyModels, pipe: ElitePipeline, concepts: list[ConceptEmbedding]) -> None:
+    """optimize(): the ELITE processors are installed once and each call hands them its concepts, so a second call
+    with other concepts and prompts reuses the compiled graphs (torch.compile's eager backend: the same tracing as
+    inductor, no C++ compiler needed)."""
+    from torch._dynamo.utils import counters
+
+    fast = ElitePipeline.from_pretrained(tiny_models.pretrained_model, None, tiny_models.global_mapper,
+                                         tiny_models.local_mapper)
+    fast.optimize(channels_last=True, compile_backend="eager")
+    assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    calls = [("a photo of a S", concepts[:2], [0, 1]), ("a S on a table", [concepts[3], concepts[2]], [5, 6])]
+    graphs = []
+    for prompt, chosen, seeds in calls:
+        got = fast(prompt, chosen, seed=seeds, output_type="np", **SMALL).images
+        want = pipe(prompt, chosen, seed=seeds, output_type="np", **SMALL).images
+        assert np.abs(got - want).max() < 1e-4
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs[1] == graphs[0]  # the second call compiled nothing
+    assert all(p.injection is None for p in fast._installed.values())  # type: ignore[union-attr]

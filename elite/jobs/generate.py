@@ -34,6 +34,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -77,6 +78,8 @@ class GenerationSettings:
     height: int = 512  # paper: 512x512
     width: int = 512
     dtype: str = "auto"  # float16 on CUDA, float32 on the CPU; or float32 / float16 / bfloat16
+    channels_last: bool | None = None  # UNet and VAE in channels-last memory format; None: on CUDA (docs/gpu.md)
+    compile_backend: str | None = None  # torch.compile the UNet with this backend ("inductor"); None: not compiled
 
     def __post_init__(self) -> None:
         """Refuse what would generate something else than asked, silently: NaN lambda gave black images, NaN
@@ -84,6 +87,10 @@ class GenerationSettings:
         check_sampler(self.steps, self.guidance_scale, self.lambda_local, self.height, self.width)
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise InputError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if self.compile_backend is not None and self.compile_backend not in backends:
+            raise InputError(f"compile_backend must be one of torch.compile's backends {backends}, got "
+                             f"{self.compile_backend!r}")
 
 
 MANIFEST_SCHEMA = pa.schema([
@@ -113,7 +120,7 @@ class LoadedPipeline:
     dtype: str
 
 
-_PIPELINES: PerProcess[tuple[str, str, str, str, str, int], LoadedPipeline] = PerProcess()
+_PIPELINES: PerProcess[tuple[str, str, str, str, str, bool | None, str | None, int], LoadedPipeline] = PerProcess()
 _SLOTS: dict[tuple[str, ...], queue.Queue[int]] = {}
 _SLOTS_LOCK = threading.Lock()
 
@@ -144,13 +151,15 @@ def load_pipeline(settings: GenerationSettings, device: str, slot: int = 0) -> L
     def load() -> LoadedPipeline:
         pipe = ElitePipeline.from_pretrained(settings.pretrained_model, None, settings.global_mapper,
                                              settings.local_mapper, torch_dtype=dtype, device=device)
+        channels_last = pipe.device.type == "cuda" if settings.channels_last is None else settings.channels_last
+        pipe.optimize(channels_last=channels_last, compile_backend=settings.compile_backend)
         hashes = {"unet_sha256": state_digest(pipe.unet), "text_encoder_sha256": state_digest(pipe.text_encoder),
                   "global_mapper_sha256": state_digest(pipe.global_mapper),
                   "local_mapper_sha256": state_digest(pipe.local_mapper)}
         return LoadedPipeline(pipe, hashes, name)
 
     return _PIPELINES.get((settings.pretrained_model, settings.global_mapper, settings.local_mapper, device, name,
-                           slot), load)
+                           settings.channels_last, settings.compile_backend, slot), load)
 
 
 # ---- prompts and planning -----------------------------------------------------------------------------

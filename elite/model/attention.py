@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,11 @@ class EliteAttnProcessor(nn.Module):
         self.to_v_local = to_v_local
         self.injection = injection
         self._local_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def set_injection(self, injection: LocalInjection | None) -> None:
+        """What the next call injects (processors installed once for many calls: a compiled UNet)."""
+        self.injection = injection
+        self._local_kv = None
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,10 +148,10 @@ class EliteAttnProcessor(nn.Module):
         return key, value
 
 
-@contextlib.contextmanager
-def elite_attention(unet: UNet2DConditionModel, global_mapper: GlobalMapper, local_mapper: LocalMapper | None = None,
-                    injection: LocalInjection | None = None) -> Iterator[dict[str, EliteAttnProcessor]]:
-    """Install ELITE processors on the mapper's cross-attention layers; restore the originals on exit."""
+def install_processors(unet: UNet2DConditionModel, global_mapper: GlobalMapper, local_mapper: LocalMapper | None = None,
+                       injection: LocalInjection | None = None) -> tuple[dict[str, Any], dict[str, EliteAttnProcessor]]:
+    """Install ELITE processors on the mapper's cross-attention layers: (the processors there before, the
+    installed ones by processor name)."""
     original = dict(unet.attn_processors)
     layers = [path for path, _ in global_mapper.config.cross_attention_layers]
     missing = [path for path in layers if f"{path}.processor" not in original]
@@ -159,6 +164,14 @@ def elite_attention(unet: UNet2DConditionModel, global_mapper: GlobalMapper, loc
         installed[f"{path}.processor"] = EliteAttnProcessor(to_k_global, to_v_global, to_k_local, to_v_local,
                                                             injection)
     unet.set_attn_processor({**original, **installed})
+    return original, installed
+
+
+@contextlib.contextmanager
+def elite_attention(unet: UNet2DConditionModel, global_mapper: GlobalMapper, local_mapper: LocalMapper | None = None,
+                    injection: LocalInjection | None = None) -> Iterator[dict[str, EliteAttnProcessor]]:
+    """Install ELITE processors on the mapper's cross-attention layers; restore the originals on exit."""
+    original, installed = install_processors(unet, global_mapper, local_mapper, injection)
     try:
         yield installed
     finally:

@@ -7,9 +7,10 @@ normalised per sample by default, so an image does not depend on what else is in
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,13 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel
 
 from elite.errors import CheckpointError, InputError
-from elite.model.attention import LocalInjection, Normalization, elite_attention
+from elite.model.attention import (
+    EliteAttnProcessor,
+    LocalInjection,
+    Normalization,
+    elite_attention,
+    install_processors,
+)
 from elite.model.checkpoints import load_mapper, load_pretrained
 from elite.model.concepts import ConceptEmbedding
 from elite.model.devices import DeviceArg, DtypeArg, check_torch_device, resolve_device, resolve_dtype
@@ -88,6 +95,37 @@ class ElitePipeline:
             self.encoder = TorchConceptEncoder(ConceptEncoderModule(image_encoder, global_mapper, local_mapper),
                                                device=unet.device, dtype=unet.dtype)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._installed: dict[str, EliteAttnProcessor] | None = None  # processors kept across calls (compiled UNet)
+
+    def optimize(self, channels_last: bool = False, compile_backend: str | None = None,
+                 compile_mode: str | None = None) -> ElitePipeline:
+        """GPU speed-ups (docs/gpu.md). `channels_last`: the UNet and VAE in channels-last memory format (NHWC
+        convolution kernels). `compile_backend` ("inductor", ...): the UNet compiled by torch.compile; the ELITE
+        attention processors are then installed once for every later call and each call only hands them its
+        concepts, so the compiled graph is reused from call to call (a new batch size compiles once more)."""
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        if compile_backend and self._installed is None:
+            self._installed = install_processors(self.unet, self.global_mapper, self.local_mapper)[1]
+            self.unet.compile(backend=compile_backend, mode=compile_mode)
+        return self
+
+    @contextlib.contextmanager
+    def _attention(self, injection: LocalInjection | None) -> Iterator[None]:
+        """The ELITE processors for one call: installed for it, or (optimize(compile_backend=...)) handed its
+        concepts."""
+        if self._installed is None:
+            with elite_attention(self.unet, self.global_mapper, self.local_mapper, injection):
+                yield
+            return
+        for processor in self._installed.values():
+            processor.set_injection(injection)
+        try:
+            yield
+        finally:
+            for processor in self._installed.values():
+                processor.set_injection(None)
 
     @classmethod
     def from_pretrained(cls, pretrained_model: str | os.PathLike[str], vision_model: str | os.PathLike[str] | None,
@@ -201,7 +239,7 @@ class ElitePipeline:
                                           first_row=batch if do_guidance else 0)
 
         # 5. Denoise: one UNet call per step for the whole batch.
-        with elite_attention(self.unet, self.global_mapper, self.local_mapper, injection):
+        with self._attention(injection):
             for t in tqdm(sched.timesteps, desc="denoising", disable=not show_progress, leave=False):
                 model_input = torch.cat([latents, latents]) if do_guidance else latents  # (rows, c, h, w)
                 model_input = sched.scale_model_input(model_input, t)
@@ -285,5 +323,6 @@ class ElitePipeline:
                 index[row, k] = position
                 weight[row, k] = lambda_local
         rows = torch.arange(first_row, first_row + batch)
+        # everything on the device and in the UNet's dtype once per call: no copy in the processors' steps
         return LocalInjection(rows.to(self.device), tokens.to(self.device, self.dtype), index.to(self.device),
-                              weight.to(self.device), normalization)
+                              weight.to(self.device, self.dtype), normalization)
