@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py              # real size on the first GPU (about 5 min on an H100)
     python benchmarks/gpu_check.py --small      # the same code, tiny models on the CPU (CI runs this, ~1 min)
+    python benchmarks/gpu_check.py --compile    # also generation with the UNet compiled (torch.compile, inductor)
     OUT=/some/dir python benchmarks/gpu_check.py   # also writes $OUT/gpu_check.json (or --out FILE)
 
 It builds models with random weights (nothing is downloaded), writes them in the real on-disk layouts and loads them
@@ -227,8 +228,8 @@ def onnx_unavailable(device: torch.device) -> str | None:
 
 
 def generation_part(paths: TinyModels, device: torch.device, low: torch.dtype, batches: list[int], size: int,
-                    steps: int, parity_steps: int, reps: int, channels_last: bool) -> tuple[list[dict[str, Any]],
-                                                                                            dict[str, Any]]:
+                    steps: int, parity_steps: int, reps: int, channels_last: bool,
+                    compile_backend: str | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from diffusers import StableDiffusionPipeline
 
     reference = ElitePipeline.from_pretrained(paths.pretrained_model, paths.vision_model, paths.global_mapper,
@@ -272,6 +273,18 @@ def generation_part(paths: TinyModels, device: torch.device, low: torch.dtype, b
         timings["overhead_pct"][str(batch)] = round(overhead, 1)
         print(f"  generate b{batch}: ElitePipeline {elite_s:.4f} s/image, StableDiffusionPipeline {plain_s:.4f} "
               f"s/image, overhead {overhead:+.1f}%", flush=True)
+    if compile_backend:  # after the plain timings: the compiled UNet is shared with StableDiffusionPipeline
+        pipe.optimize(compile_backend=compile_backend)
+        timings["elite_compiled"] = {}
+        for batch in batches:
+            start = time.perf_counter()
+            pipe(PROMPT_ELITE, concepts[:batch], seed=list(range(batch)), num_inference_steps=2, **common)
+            timings.setdefault("compile_s", {})[str(batch)] = round(time.perf_counter() - start, 1)
+            seconds = timed(lambda n=batch: pipe(PROMPT_ELITE, concepts[:n], seed=list(range(n)),
+                                                 num_inference_steps=steps, output_type="np", **common),
+                            device, reps, warmup=0) / batch
+            timings["elite_compiled"][str(batch)] = round(seconds, 4)
+            print(f"  generate b{batch}: ElitePipeline compiled ({compile_backend}) {seconds:.4f} s/image", flush=True)
     if device.type == "cuda":
         timings["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return parity, timings
@@ -288,6 +301,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="JSON path (default: $OUT/gpu_check.json when OUT is set)")
     parser.add_argument("--reps", type=int, default=None, help="timed calls per case (default 3; --small 1)")
     parser.add_argument("--no-channels-last", action="store_true", help="keep the UNet and VAE in NCHW")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="also time generation with the UNet compiled (inductor unless named; minutes on a GPU)")
     return parser.parse_args()
 
 
@@ -301,7 +316,7 @@ def main() -> int:
     low = torch.float16 if device.type == "cuda" else torch.bfloat16
     reps = args.reps or (1 if args.small else 3)
     setting = {"small": args.small, "device": str(device), "low_dtype": str(low)[6:], "reps": reps,
-               "channels_last": not args.no_channels_last,
+               "channels_last": not args.no_channels_last, "compile": args.compile,
                "card": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     print(f"gpu_check: {setting}", flush=True)
@@ -315,7 +330,7 @@ def main() -> int:
         parity, encoding = encoder_part(paths, device, low, enc_batches, reps, scratch, args.small)
         more, generation = generation_part(paths, device, low, gen_batches, 64 if args.small else 512,
                                            4 if args.small else 50, 3 if args.small else 10, reps,
-                                           channels_last=not args.no_channels_last)
+                                           channels_last=not args.no_channels_last, compile_backend=args.compile)
     parity += more
     setting["wall_s"] = round(time.perf_counter() - started, 1)
     result = {"setting": setting, "parity": parity, "encoding_ms_per_concept": encoding,
@@ -349,6 +364,8 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"{f'generate StableDiffusionPipeline b{batch}':<52}{gen['plain'][batch]:>14}")
         target = f"<= {TARGETS['injection_overhead_pct']}" if real else ""
         print(f"{f'local-injection overhead b{batch} (%)':<52}{gen['overhead_pct'][batch]:>14}  {target}")
+        if batch in gen.get("elite_compiled", {}):
+            print(f"{f'generate ElitePipeline compiled b{batch} (s/image)':<52}{gen['elite_compiled'][batch]:>14}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def _run(tmp_path: Path, *args: str, timeout: int) -> dict:  # type: ignore[type
 
 
 def test_the_small_check_runs_on_the_cpu_and_its_parity_holds(tmp_path: Path) -> None:
-    result = _run(tmp_path, "--small", timeout=900)
+    result = _run(tmp_path, "--small", "--compile", "eager", timeout=900)
     names = [entry["name"] for entry in result["parity"]]
     assert len(names) == 5 and all(entry["ok"] for entry in result["parity"])
     assert any("onnxruntime" in name for name in names) and any("generation" in name for name in names)
@@ -31,6 +31,7 @@ def test_the_small_check_runs_on_the_cpu_and_its_parity_holds(tmp_path: Path) ->
     assert set(encoding["torch"]) == set(encoding["onnxruntime"]) == {"1", "4"}
     assert all(value > 0 for value in [*encoding["torch"].values(), *encoding["onnxruntime"].values()])
     assert set(generation["elite"]) == set(generation["plain"]) == set(generation["overhead_pct"]) == {"1", "2"}
+    assert set(generation["elite_compiled"]) == {"1", "2"} and result["setting"]["compile"] == "eager"
     assert result["setting"]["device"] == "cpu" and result["setting"]["low_dtype"] == "bfloat16"
 
 
