@@ -5,6 +5,7 @@ work, through the CLI and through the flows."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from elite.data.store import EmbeddingStore
@@ -136,6 +138,36 @@ def test_generate_compiles_the_unet_when_asked(one_concept_store: Path, tiny_mod
     [a], [b] = (sorted(folder.rglob("*.png")) for folder in (plain, compiled))
     difference = np.abs(np.asarray(Image.open(a), dtype=np.int16) - np.asarray(Image.open(b), dtype=np.int16))
     assert difference.max() <= 1  # the same image, up to rounding of a value in 255
+
+
+def test_a_batch_that_runs_out_of_gpu_memory_is_split_and_gives_the_same_images(
+        one_concept_store: Path, tiny_models: TinyModels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from elite.model.pipeline import ElitePipeline
+
+    def run(out: Path) -> dict[str, np.ndarray]:
+        code = main(["generate", "--store", str(one_concept_store), "--out", str(out), "--height", "64", "--width",
+                     "64", "--steps", "2", "--prompt", "a photo of S", "--images-per-prompt", "5", "--batch-size",
+                     "5", "--channels-last", *_models(tiny_models, vision=False)])  # its own cached pipeline
+        assert code == 0
+        return {p.name: np.asarray(Image.open(p), dtype=np.int16) for p in sorted(out.rglob("*.png"))}
+
+    whole = run(tmp_path / "whole")
+    calls: list[int] = []
+    real_call = ElitePipeline.__call__
+
+    def small_memory(self: ElitePipeline, prompt: Any, concepts: Any, **kwargs: Any) -> Any:
+        calls.append(len(kwargs["seed"]))
+        if len(kwargs["seed"]) > 2:  # what a GPU says when the batch does not fit
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_call(self, prompt, concepts, **kwargs)
+
+    monkeypatch.setattr(ElitePipeline, "__call__", small_memory)
+    caplog.set_level(logging.WARNING, logger="elite")
+    split = run(tmp_path / "split")
+    assert split.keys() == whole.keys() and len(whole) == 5
+    assert all(np.abs(split[name] - whole[name]).max() <= 1 for name in whole)  # batch-size rounding at most
+    assert calls == [5, 3, 2, 1, 2] and "did not fit in the memory of cpu" in caplog.text
 
 
 def test_the_generate_flow_refuses_bad_settings_before_any_work(prefect_harness: None, one_concept_store: Path,

@@ -118,6 +118,7 @@ class LoadedPipeline:
     pipe: ElitePipeline
     hashes: dict[str, str]  # model hashes for the manifest
     dtype: str
+    max_batch: int | None = None  # the largest batch that fit in the device's memory, once one did not
 
 
 _PIPELINES: PerProcess[tuple[str, str, str, str, str, bool | None, str | None, int], LoadedPipeline] = PerProcess()
@@ -298,7 +299,7 @@ def generate_batch(embeddings: AnyEmbeddingStore, out: ObjectStore, settings: Ge
             loaded = load_pipeline(settings, device, slot)
         generating = time.perf_counter()
         with clock.time("model"):
-            done, bad = run_isolated(batch, lambda items: _generate(loaded.pipe, settings, items, concepts))
+            done, bad = run_isolated(batch, lambda items: _generate(loaded, settings, items, concepts))
         seconds = (time.perf_counter() - generating) / len(batch)
     failures = [Failure(item.concept_id, out.uri(item.output_key), "generate", str(err)) for item, err in bad]
     now = datetime.datetime.now(datetime.UTC)
@@ -325,13 +326,37 @@ def _batch_rows(out: ObjectStore, batch: GenerateBatch) -> list[dict[str, Any]]:
     return pq.read_table(io.BytesIO(out.get(batch.manifest_key))).to_pylist()
 
 
-def _generate(pipe: ElitePipeline, settings: GenerationSettings, items: Sequence[WorkItem],
+def _generate(loaded: LoadedPipeline, settings: GenerationSettings, items: Sequence[WorkItem],
               concepts: dict[str, ConceptEmbedding]) -> list[Image.Image]:
-    images = pipe([i.prompt for i in items], [{i.placeholder: concepts[i.concept_id]} for i in items],
-                  seed=[i.seed for i in items],
-                  lambda_local=settings.lambda_local, guidance_scale=settings.guidance_scale,
-                  num_inference_steps=settings.steps, height=settings.height, width=settings.width,
-                  show_progress=False).images
+    """The items' images, in pieces of at most the batch size that last fit in the device's memory."""
+    limit = loaded.max_batch or len(items)
+    images: list[Image.Image] = []
+    for start in range(0, len(items), limit):
+        images += _fitted(loaded, settings, items[start:start + limit], concepts)
+    return images
+
+
+def _fitted(loaded: LoadedPipeline, settings: GenerationSettings, items: Sequence[WorkItem],
+            concepts: dict[str, ConceptEmbedding]) -> list[Image.Image]:
+    """One pipeline call; a batch that runs out of GPU memory is split in halves (each image has its own seed and
+    is normalised on its own, so the images are those of the whole batch) and the smaller size is kept for the
+    batches after it."""
+    try:
+        images = loaded.pipe([i.prompt for i in items], [{i.placeholder: concepts[i.concept_id]} for i in items],
+                             seed=[i.seed for i in items], lambda_local=settings.lambda_local,
+                             guidance_scale=settings.guidance_scale, num_inference_steps=settings.steps,
+                             height=settings.height, width=settings.width, show_progress=False).images
+    except torch.OutOfMemoryError:
+        if len(items) == 1:
+            raise
+        half = (len(items) + 1) // 2
+        loaded.max_batch = min(loaded.max_batch or half, half)
+        logger.warning("a batch of %d images did not fit in the memory of %s: generating %d at a time from now on",
+                       len(items), loaded.pipe.device, loaded.max_batch)
+        if loaded.pipe.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return (_fitted(loaded, settings, items[:half], concepts)
+                + _fitted(loaded, settings, items[half:], concepts))
     return list(images)  # output_type "pil": a list of images
 
 
