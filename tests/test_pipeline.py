@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -211,3 +212,37 @@ def test_a_compiled_channels_last_unet_gives_the_same_images_and_compiles_once(
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] >= 1 and graphs[1] == graphs[0]  # the second call compiled nothing
     assert all(p.injection is None for p in fast._installed.values())  # type: ignore[union-attr]
+
+
+def test_the_attention_processors_copy_nothing_per_step(tiny_models: TinyModels, concepts: list[ConceptEmbedding],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a low dtype, where a tensor of the wrong dtype or device would be converted on every call: no copy op
+    runs inside the ELITE processors (the injection is on the device, in the UNet's dtype, once per call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from elite.model import attention
+
+    copies: list[str] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            result = func(*args, **(kwargs or {}))
+            name = str(func.overloadpacket)
+            if name in ("aten._to_copy", "aten.copy_") or (name == "aten.to" and result is not args[0]):
+                copies.append(f"{func} {tuple(getattr(a, 'dtype', a) for a in args)}")  # a conversion, not a no-op
+            return result
+
+    calls = []
+    original = attention.EliteAttnProcessor.__call__
+
+    def watched(self: attention.EliteAttnProcessor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        with Watch():
+            return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(attention.EliteAttnProcessor, "__call__", watched)
+    bf16 = ElitePipeline.from_pretrained(tiny_models.pretrained_model, None, tiny_models.global_mapper,
+                                         tiny_models.local_mapper, torch_dtype=torch.bfloat16)
+    bf16("a photo of a S", concepts[:2], seed=[0, 1], output_type="latent", **SMALL)
+    assert len(calls) == 2 * len(bf16.global_mapper.config.cross_attention_layers)  # every layer, every step
+    assert copies == []
