@@ -46,6 +46,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when run as a file
 
+from elite.errors import EliteError
 from elite.model.configs import CLIP_L14_TEXT_CONFIG, CLIP_L14_VISION_CONFIG, SD14_UNET_CONFIG, SD14_VAE_CONFIG
 from elite.model.encoder import TorchConceptEncoder
 from elite.model.loading import unet_cross_attention_layers
@@ -156,9 +157,7 @@ def check(name: str, value: float, threshold: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 def encoder_part(paths: TinyModels, device: torch.device, low: torch.dtype, batches: list[int], reps: int,
-                 scratch: Path, small: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    from elite.model.onnx_export import export_concept_encoder
-
+                 scratch: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     parity: list[dict[str, Any]] = []
     timings: dict[str, Any] = {"torch": {}, "onnxruntime": {}}
     load = {"cross_attention_layers": unet_cross_attention_layers(paths.pretrained_model), "device": device}
@@ -187,41 +186,54 @@ def encoder_part(paths: TinyModels, device: torch.device, low: torch.dtype, batc
         full = timed(lambda: fast.encode(images, masks), device, max(1, reps // 2))
     timings["torch_with_preprocessing_ms_per_concept"] = round(full / len(images) * 1000, 3)
 
+    reason = onnx_unavailable(device)
+    if not reason:
+        try:
+            parity += onnx_part(reference, words32, tokens32, inputs, device, batches, reps, scratch, timings)
+        except (ImportError, EliteError) as err:  # a provider that does not start, a failed export
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    if reason:
+        timings["onnxruntime"] = {"skipped": reason}
+        print(f"  encode onnxruntime: skipped ({reason})", flush=True)
+    return parity, timings
+
+
+def onnx_part(reference: TorchConceptEncoder, words32: torch.Tensor, tokens32: torch.Tensor,
+              inputs: list[torch.Tensor], device: torch.device, batches: list[int], reps: int, scratch: Path,
+              timings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The encoder exported (fp16 for CUDA, fp32 for the CPU) and run by ONNX Runtime: parity and timings."""
+    from elite.model.onnx_encoder import OnnxConceptEncoder
+    from elite.model.onnx_export import export_concept_encoder
+
     precision = "fp16" if device.type == "cuda" else "fp32"
     onnx_path = scratch / f"encoder-{precision}.onnx"
     start = time.perf_counter()
     export_concept_encoder(reference.module.cpu(), onnx_path, precision)  # type: ignore[arg-type]
     timings["onnx_export_s"] = round(time.perf_counter() - start, 1)
-    reason = onnx_unavailable(device)
-    if reason:
-        timings["onnxruntime"] = {"skipped": reason}
-        print(f"  encode onnxruntime: skipped ({reason})", flush=True)
-        return parity, timings
-    from elite.model.onnx_encoder import OnnxConceptEncoder
-
     ort_encoder = OnnxConceptEncoder(onnx_path, device=str(device), strict_device=device.type == "cuda")
     timings["onnxruntime_provider"] = ort_encoder.provider
     arrays = [tensor.numpy() for tensor in inputs]
     ort_words, ort_tokens = ort_encoder.run(*(array[:4] for array in arrays))
     threshold = 0.99 if precision == "fp16" else 0.9999
-    parity += [check(f"encoder onnxruntime {precision} words", min_cosine(words32, torch.from_numpy(
-                   ort_words.astype(np.float32))), threshold),
-               check(f"encoder onnxruntime {precision} local tokens", min_cosine(tokens32, torch.from_numpy(
-                   ort_tokens.astype(np.float32))), threshold)]
+    parity = [check(f"encoder onnxruntime {precision} words", min_cosine(words32, torch.from_numpy(
+                  ort_words.astype(np.float32))), threshold),
+              check(f"encoder onnxruntime {precision} local tokens", min_cosine(tokens32, torch.from_numpy(
+                  ort_tokens.astype(np.float32))), threshold)]
     for batch in batches:
         batch_arrays = [array[:batch] for array in arrays]
         seconds = timed(lambda: ort_encoder.run(*batch_arrays), device, reps)  # noqa: B023 (run() returns on host)
         timings["onnxruntime"][str(batch)] = round(seconds / batch * 1000, 3)
         print(f"  encode onnxruntime {precision} b{batch}: {seconds / batch * 1000:.3f} ms/concept", flush=True)
-    return parity, timings
+    return parity
 
 
 def onnx_unavailable(device: torch.device) -> str | None:
     """Why the ONNX Runtime part cannot run on `device`, or None."""
     try:
+        import onnx  # noqa: F401  (the export)
         import onnxruntime as ort
-    except ImportError:
-        return "onnxruntime is not installed (the onnx extra, or onnx-gpu on CUDA hosts)"
+    except ImportError as err:
+        return f"{err.name} is not installed (the onnx extra, or onnx-gpu on CUDA hosts)"
     if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         return f"this onnxruntime has no CUDA provider ({ort.get_available_providers()}): install onnxruntime-gpu"
     return None
@@ -327,7 +339,7 @@ def main() -> int:
         paths = make_tiny_models(scratch / "models") if args.small else make_real_size_models(scratch / "models")
         setting["build_s"] = round(time.perf_counter() - start, 1)
         enc_batches, gen_batches = ([1, 4], [1, 2]) if args.small else ([1, 8, 32], [1, 8])
-        parity, encoding = encoder_part(paths, device, low, enc_batches, reps, scratch, args.small)
+        parity, encoding = encoder_part(paths, device, low, enc_batches, reps, scratch)
         more, generation = generation_part(paths, device, low, gen_batches, 64 if args.small else 512,
                                            4 if args.small else 50, 3 if args.small else 10, reps,
                                            channels_last=not args.no_channels_last, compile_backend=args.compile)
