@@ -246,7 +246,7 @@ def generation_part(paths: TinyModels, device: torch.device, low: torch.dtype, b
 
     reference = ElitePipeline.from_pretrained(paths.pretrained_model, paths.vision_model, paths.global_mapper,
                                               paths.local_mapper, torch_dtype=torch.float32, device=device)
-    images, masks = concept_images(max(batches))
+    images, masks = concept_images(max(*batches, 2))
     concepts = reference.encode_concepts(images, masks)
     common = {"height": size, "width": size, "show_progress": False}
     latents32 = reference(PROMPT_ELITE, concepts[:2], seed=[0, 1], num_inference_steps=parity_steps,
@@ -313,6 +313,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="JSON path (default: $OUT/gpu_check.json when OUT is set)")
     parser.add_argument("--reps", type=int, default=None, help="timed calls per case (default 3; --small 1)")
     parser.add_argument("--no-channels-last", action="store_true", help="keep the UNet and VAE in NCHW")
+    parser.add_argument("--encode-batches", type=int, nargs="+", default=None, help="default 1 8 32 (--small: 1 4)")
+    parser.add_argument("--generate-batches", type=int, nargs="+", default=None, help="default 1 8 (--small: 1 2)")
+    parser.add_argument("--steps", type=int, default=None, help="timed sampler steps (default 50; --small 4)")
+    parser.add_argument("--parity-steps", type=int, default=None, help="sampler steps of the parity check "
+                        "(default 10; --small 3)")
+    parser.add_argument("--size", type=int, default=None, help="image size (default 512; --small 64)")
     parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                         help="also time generation with the UNet compiled (inductor unless named; minutes on a GPU)")
     return parser.parse_args()
@@ -338,10 +344,12 @@ def main() -> int:
         start = time.perf_counter()
         paths = make_tiny_models(scratch / "models") if args.small else make_real_size_models(scratch / "models")
         setting["build_s"] = round(time.perf_counter() - start, 1)
-        enc_batches, gen_batches = ([1, 4], [1, 2]) if args.small else ([1, 8, 32], [1, 8])
+        enc_batches = args.encode_batches or ([1, 4] if args.small else [1, 8, 32])
+        gen_batches = args.generate_batches or ([1, 2] if args.small else [1, 8])
         parity, encoding = encoder_part(paths, device, low, enc_batches, reps, scratch)
-        more, generation = generation_part(paths, device, low, gen_batches, 64 if args.small else 512,
-                                           4 if args.small else 50, 3 if args.small else 10, reps,
+        more, generation = generation_part(paths, device, low, gen_batches, args.size or (64 if args.small else 512),
+                                           args.steps or (4 if args.small else 50),
+                                           args.parity_steps or (3 if args.small else 10), reps,
                                            channels_last=not args.no_channels_last, compile_backend=args.compile)
     parity += more
     setting["wall_s"] = round(time.perf_counter() - started, 1)
