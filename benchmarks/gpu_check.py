@@ -84,9 +84,12 @@ def make_real_size_models(out: Path, seed: int = 0) -> TinyModels:
                                                 eos_token_id=tokenizer.eos_token_id,
                                                 pad_token_id=tokenizer.pad_token_id))
     unet = UNet2DConditionModel(**SD14_UNET_CONFIG)
-    StableDiffusionPipeline(vae=AutoencoderKL(**SD14_VAE_CONFIG), text_encoder=text_encoder, tokenizer=tokenizer,
-                            unet=unet, scheduler=REFERENCE.scheduler(), safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(paths.pretrained_model)
+    with warnings.catch_warnings():  # diffusers asks for steps_offset 1, which LMS's linspace spacing ignores
+        warnings.simplefilter("ignore", FutureWarning)
+        StableDiffusionPipeline(vae=AutoencoderKL(**SD14_VAE_CONFIG), text_encoder=text_encoder, tokenizer=tokenizer,
+                                unet=unet, scheduler=REFERENCE.scheduler(), safety_checker=None,
+                                feature_extractor=None, requires_safety_checker=False).save_pretrained(
+                                    paths.pretrained_model)
     tokenizer_dir = paths.pretrained_model / "tokenizer"  # as SD 1.4 ships it: vocab.json + merges.txt
     for stale in tokenizer_dir.iterdir():
         stale.unlink()
