@@ -339,8 +339,7 @@ def _generate(loaded: LoadedPipeline, settings: GenerationSettings, items: Seque
 def _fitted(loaded: LoadedPipeline, settings: GenerationSettings, items: Sequence[WorkItem],
             concepts: dict[str, ConceptEmbedding]) -> list[Image.Image]:
     """One pipeline call; a batch that runs out of GPU memory is split in halves (each image has its own seed and
-    is normalised on its own, so the images are those of the whole batch) and the smaller size is kept for the
-    batches after it."""
+    normalisation: the same images) and the smaller size is kept for the batches after it."""
     try:
         images = loaded.pipe([i.prompt for i in items], [{i.placeholder: concepts[i.concept_id]} for i in items],
                              seed=[i.seed for i in items], lambda_local=settings.lambda_local,
@@ -353,8 +352,7 @@ def _fitted(loaded: LoadedPipeline, settings: GenerationSettings, items: Sequenc
         loaded.max_batch = min(loaded.max_batch or half, half)
         logger.warning("a batch of %d images did not fit in the memory of %s: generating %d at a time from now on",
                        len(items), loaded.pipe.device, loaded.max_batch)
-        if loaded.pipe.device.type == "cuda":
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # a no-op unless CUDA is in use
         return (_fitted(loaded, settings, items[:half], concepts)
                 + _fitted(loaded, settings, items[half:], concepts))
     return list(images)  # output_type "pil": a list of images
