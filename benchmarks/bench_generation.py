@@ -35,7 +35,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +58,11 @@ from _common import announce, core_count, exact_command, gemm_probe, peak_rss_mi
 from elite.data.sources import find_concepts
 from elite.model.concepts import ConceptEmbedding
 from elite.model.configs import SD14_UNET_CONFIG
-from elite.model.mappers import GlobalMapper, LocalMapper, MapperConfig, cross_attention_layers
+from elite.model.mappers import MapperConfig, cross_attention_layers
 from elite.model.pipeline import ElitePipeline
 from elite.model.preprocessing import open_image
 from elite.model.text import encode_prompts
-from elite.model.tiny import write_tokenizer_files
+from elite.model.tiny import TinyModels, write_model_set, write_tokenizer_files
 
 CONCEPT_DIR = Path("/work/shared/data/elite-test-concepts")
 PROMPT = "a photo of a S"  # the reference template with the reference placeholder
@@ -75,17 +74,9 @@ LAMBDA = 0.8  # reference lambda
 # Models
 # --------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ModelPaths:
-    pretrained_model: Path
-    vision_model: Path
-    global_mapper: Path
-    local_mapper: Path
-
-
-def build_models(out: Path, args: argparse.Namespace) -> tuple[ModelPaths, dict[str, Any]]:
+def build_models(out: Path, args: argparse.Namespace) -> tuple[TinyModels, dict[str, Any]]:
     """A mid-size SD-1.x-shaped model set with random weights, in the real on-disk layouts."""
-    paths = ModelPaths(out / "stable-diffusion", out / "clip-vision", out / "global_mapper.pt",
+    paths = TinyModels(out / "stable-diffusion", out / "clip-vision", out / "global_mapper.pt",
                        out / "local_mapper.pt")
     with tempfile.TemporaryDirectory() as scratch:
         vocab_size = write_tokenizer_files(Path(scratch))
@@ -107,27 +98,12 @@ def build_models(out: Path, args: argparse.Namespace) -> tuple[ModelPaths, dict[
     # The reference sampler: LMS, scaled_linear betas 0.00085-0.012, 1000 training steps.
     scheduler = LMSDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                      num_train_timesteps=1000)
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(paths.pretrained_model)
-    tokenizer_dir = paths.pretrained_model / "tokenizer"  # as SD 1.4 ships it: vocab.json + merges.txt
-    for stale in tokenizer_dir.iterdir():
-        stale.unlink()
-    write_tokenizer_files(tokenizer_dir)
-    CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=args.vision_dim, intermediate_size=4 * args.vision_dim, num_hidden_layers=16,
-        num_attention_heads=max(1, args.vision_dim // 64), image_size=224, patch_size=14,
-        projection_dim=768)).save_pretrained(paths.vision_model)
     config = MapperConfig(input_dim=args.vision_dim, output_dim=768,
                           cross_attention_layers=cross_attention_layers(unet))
-    for cls, path in ((GlobalMapper, paths.global_mapper), (LocalMapper, paths.local_mapper)):
-        mapper = cls(config)
-        for layer, _ in config.cross_attention_layers:  # k/v copies start from the UNet's own, as in training
-            to_k, to_v = mapper.key_value(layer)
-            host = unet.get_submodule(layer)
-            to_k.weight.data.copy_(host.to_k.weight.data)
-            to_v.weight.data.copy_(host.to_v.weight.data)
-        torch.save(mapper.state_dict(), path)  # the release's format
+    vision = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=args.vision_dim, intermediate_size=4 * args.vision_dim, num_hidden_layers=16,
+        num_attention_heads=max(1, args.vision_dim // 64), image_size=224, patch_size=14, projection_dim=768))
+    write_model_set(paths, vae, text_encoder, tokenizer, unet, scheduler, vision, config)
     facts = {
         "unet_config": {k: unet_config[k] for k in ("block_out_channels", "layers_per_block", "attention_head_dim",
                                                    "cross_attention_dim", "down_block_types", "up_block_types")},

@@ -51,7 +51,7 @@ from elite.model.configs import CLIP_L14_TEXT_CONFIG, CLIP_L14_VISION_CONFIG, SD
 from elite.model.encoder import TorchConceptEncoder
 from elite.model.loading import unet_cross_attention_layers
 from elite.model.pipeline import REFERENCE, ElitePipeline
-from elite.model.tiny import TinyModels, make_tiny_models, write_tokenizer_files
+from elite.model.tiny import TinyModels, make_tiny_models, write_model_set, write_tokenizer_files
 
 TARGETS = {"encode_ms_per_concept_b32": 2.0, "generate_s_per_image_b8": 0.6, "injection_overhead_pct": 10.0}
 PROMPT_ELITE, PROMPT_PLAIN = "a photo of a S on the beach", "a photo of a dog on the beach"
@@ -64,16 +64,10 @@ PROMPT_ELITE, PROMPT_PLAIN = "a photo of a S on the beach", "a photo of a dog on
 def make_real_size_models(out: Path, seed: int = 0) -> TinyModels:
     """SD 1.4-shaped UNet/VAE/text encoder, CLIP ViT-L/14 vision tower and release-size mappers, random weights, in
     the real layouts (a small byte-level tokenizer: ids stay below the real vocabulary)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
 
-    from elite.model.mappers import (
-        GlobalMapper,
-        LocalMapper,
-        MapperConfig,
-        copy_unet_key_values,
-        cross_attention_layers,
-    )
+    from elite.model.mappers import MapperConfig, cross_attention_layers
 
     paths = TinyModels(out / "stable-diffusion", out / "clip-vision", out / "global_mapper.pt", out / "local_mapper.pt")
     with tempfile.TemporaryDirectory() as scratch:
@@ -84,22 +78,9 @@ def make_real_size_models(out: Path, seed: int = 0) -> TinyModels:
                                                 eos_token_id=tokenizer.eos_token_id,
                                                 pad_token_id=tokenizer.pad_token_id))
     unet = UNet2DConditionModel(**SD14_UNET_CONFIG)
-    with warnings.catch_warnings():  # diffusers asks for steps_offset 1, which LMS's linspace spacing ignores
-        warnings.simplefilter("ignore", FutureWarning)
-        StableDiffusionPipeline(vae=AutoencoderKL(**SD14_VAE_CONFIG), text_encoder=text_encoder, tokenizer=tokenizer,
-                                unet=unet, scheduler=REFERENCE.scheduler(), safety_checker=None,
-                                feature_extractor=None, requires_safety_checker=False).save_pretrained(
-                                    paths.pretrained_model)
-    tokenizer_dir = paths.pretrained_model / "tokenizer"  # as SD 1.4 ships it: vocab.json + merges.txt
-    for stale in tokenizer_dir.iterdir():
-        stale.unlink()
-    write_tokenizer_files(tokenizer_dir)
-    CLIPVisionModel(CLIPVisionConfig(**CLIP_L14_VISION_CONFIG)).save_pretrained(paths.vision_model)
-    config = MapperConfig(cross_attention_layers=cross_attention_layers(unet))  # release sizes
-    for cls, path in ((GlobalMapper, paths.global_mapper), (LocalMapper, paths.local_mapper)):
-        mapper = cls(config)
-        copy_unet_key_values(mapper, unet)
-        torch.save(mapper.state_dict(), path)
+    write_model_set(paths, AutoencoderKL(**SD14_VAE_CONFIG), text_encoder, tokenizer, unet, REFERENCE.scheduler(),
+                    CLIPVisionModel(CLIPVisionConfig(**CLIP_L14_VISION_CONFIG)),
+                    MapperConfig(cross_attention_layers=cross_attention_layers(unet)))  # release-size mappers
     return paths
 
 

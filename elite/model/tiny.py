@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
@@ -111,25 +113,35 @@ def make_tiny_models(out_dir: str | os.PathLike[str], seed: int = 0) -> TinyMode
         layers_per_block=1, norm_num_groups=32, sample_size=64, scaling_factor=0.18215)
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1)
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(paths.pretrained_model)
-    # The tokenizer folder as SD 1.4 ships it: vocab.json + merges.txt + configs (no tokenizer.json).
+    vision = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=VISION_DIM, intermediate_size=37, num_hidden_layers=16, num_attention_heads=4,
+        image_size=224, patch_size=14, projection_dim=TEXT_DIM))
+    config = MapperConfig(input_dim=VISION_DIM, hidden_dim=64, output_dim=TEXT_DIM,
+                          cross_attention_layers=cross_attention_layers(unet))
+    write_model_set(paths, vae, text_encoder, tokenizer, unet, scheduler, vision, config)
+    return paths
+
+
+def write_model_set(paths: TinyModels, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                    unet: UNet2DConditionModel, scheduler: SchedulerMixin, vision: CLIPVisionModel,
+                    mapper_config: MapperConfig) -> None:
+    """Models of any size written as users have them: an SD 1.x repo (the tokenizer folder as SD 1.4 ships it:
+    vocab.json + merges.txt + configs, no tokenizer.json), a CLIP vision tower, and the two mappers in the release's
+    `.pt` format with their k/v copies started from the UNet's own, as in training."""
+    with warnings.catch_warnings():  # diffusers asks LMS for steps_offset 1, which its linspace spacing ignores
+        warnings.simplefilter("ignore", FutureWarning)
+        StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(paths.pretrained_model)
     tokenizer_dir = paths.pretrained_model / "tokenizer"
     for stale in tokenizer_dir.iterdir():
         stale.unlink()
     write_tokenizer_files(tokenizer_dir)
-    CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=VISION_DIM, intermediate_size=37, num_hidden_layers=16, num_attention_heads=4,
-        image_size=224, patch_size=14, projection_dim=TEXT_DIM)).save_pretrained(paths.vision_model)
-
-    config = MapperConfig(input_dim=VISION_DIM, hidden_dim=64, output_dim=TEXT_DIM,
-                          cross_attention_layers=cross_attention_layers(unet))
+    vision.save_pretrained(paths.vision_model)
     for cls, path in ((GlobalMapper, paths.global_mapper), (LocalMapper, paths.local_mapper)):
-        mapper = cls(config)
-        copy_unet_key_values(mapper, unet)  # as in training
+        mapper = cls(mapper_config)
+        copy_unet_key_values(mapper, unet)
         torch.save(mapper.state_dict(), path)  # the release's format: a pickled plain state dict
-    return paths
 
 
 @dataclass(frozen=True)
