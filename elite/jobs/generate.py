@@ -87,10 +87,11 @@ class GenerationSettings:
         check_sampler(self.steps, self.guidance_scale, self.lambda_local, self.height, self.width)
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise InputError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
-        backends = torch._dynamo.list_backends(exclude_tags=())
-        if self.compile_backend is not None and self.compile_backend not in backends:
-            raise InputError(f"compile_backend must be one of torch.compile's backends {backends}, got "
-                             f"{self.compile_backend!r}")
+        if self.compile_backend is not None:  # listing the backends imports torch._dynamo: ~2 s, only when asked
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile_backend not in backends:
+                raise InputError(f"compile_backend must be one of torch.compile's backends {backends}, got "
+                                 f"{self.compile_backend!r}")
 
 
 MANIFEST_SCHEMA = pa.schema([
