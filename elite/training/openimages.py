@@ -60,10 +60,11 @@ def open_images_concepts(store: ObjectStore, split: str = "test", stage: Stage =
             failures.append(Failure("", where, "manifest", row))
             continue
         concept_id = f"{row['ImageID']}_{row['BoxID']}"
-        reason = _unusable(row, images, masks, stage)
+        reason, area = _unusable(row, images, masks)
         if reason:
-            if not reason.startswith("box covers"):  # out of the stage's size range: not a failure
-                failures.append(Failure(concept_id, where, "manifest", reason))
+            failures.append(Failure(concept_id, where, "manifest", reason))
+            continue
+        if stage == "global" and not BOX_AREA[0] <= area <= BOX_AREA[1]:  # out of stage 1's range: not a failure
             continue
         refs.append(ConceptRef(concept_id, images[f"{row['ImageID']}.jpg"], masks[row["MaskPath"]],
                                names.get(row["LabelName"]), {"label": row["LabelName"]}))
@@ -73,22 +74,19 @@ def open_images_concepts(store: ObjectStore, split: str = "test", stage: Stage =
     return refs, failures
 
 
-def _unusable(row: dict[str, str], images: dict[str, str], masks: dict[str, str], stage: Stage) -> str | None:
-    """Why a row cannot train `stage`, or None."""
+def _unusable(row: dict[str, str], images: dict[str, str], masks: dict[str, str]) -> tuple[str | None, float]:
+    """(why the row cannot be used, or None; its box's fraction of the image's area)."""
     try:
         left, right, top, bottom = (float(row[name]) for name in ("BoxXMin", "BoxXMax", "BoxYMin", "BoxYMax"))
     except ValueError:
-        return "box coordinates are not numbers"
+        return "box coordinates are not numbers", 0.0
     if not (0 <= left < right <= 1 and 0 <= top < bottom <= 1):
-        return f"box ({left}, {top}, {right}, {bottom}) is not inside the image (normalised coordinates)"
+        return f"box ({left}, {top}, {right}, {bottom}) is not inside the image (normalised coordinates)", 0.0
     if f"{row['ImageID']}.jpg" not in images:
-        return f"image {row['ImageID']}.jpg is not in the images folder"
+        return f"image {row['ImageID']}.jpg is not in the images folder", 0.0
     if row["MaskPath"] not in masks:
-        return f"mask {row['MaskPath']} is not in the masks folder"
-    area = (right - left) * (bottom - top)
-    if stage == "global" and not BOX_AREA[0] <= area <= BOX_AREA[1]:
-        return f"box covers {area:.1%} of the image"
-    return None
+        return f"mask {row['MaskPath']} is not in the masks folder", 0.0
+    return None, (right - left) * (bottom - top)
 
 
 def class_names(store: ObjectStore) -> dict[str, str]:
