@@ -116,13 +116,10 @@ class ConceptDataset(torch.utils.data.Dataset[TrainingExample | None]):
         photo = open_image(self.locations.get(ref.image), self.locations.uri(ref.image))
         mask_image = None if ref.mask is None else self.read_mask(ref, photo)
         mask = find_object(photo, mask_image, self.locations.uri(ref.mask or ref.image))  # the encoder's rule
-        if self.min_box:
-            rows, cols = np.nonzero(np.any(mask, axis=1))[0], np.nonzero(np.any(mask, axis=0))[0]
-            height, width = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
-            if min(height, width) < self.min_box:
-                raise InputError(f"object box {width}x{height} px is under {self.min_box} px")
-        image = to_rgb(photo)
-        image, mask = _crop(image, mask)
+        top, bottom, left, right = _box(mask)
+        if min(bottom - top, right - left) < self.min_box:
+            raise InputError(f"object box {right - left}x{bottom - top} px is under {self.min_box} px")
+        image, mask = _crop(to_rgb(photo), mask, (top, bottom, left, right))
         clip_image, clip_mask = image, mask
         template = rng.choice(TEMPLATES).format(PLACEHOLDER)
         if self.augment and self.stage == "global":
@@ -146,15 +143,20 @@ class ConceptDataset(torch.utils.data.Dataset[TrainingExample | None]):
                                template)
 
 
-def _crop(image: Image.Image, mask: np.ndarray) -> tuple[Image.Image, np.ndarray]:
-    """The object's box with PADDING around it, made square (the UNet and CLIP take squares)."""
+def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the object's pixels, bottom and right exclusive."""
     rows, cols = np.nonzero(mask)
-    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    return int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+
+
+def _crop(image: Image.Image, mask: np.ndarray, box: tuple[int, int, int, int]) -> tuple[Image.Image, np.ndarray]:
+    """The object's `box` with PADDING around it, made square (the UNet and CLIP take squares)."""
+    top, bottom, left, right = box
     side = int(max(bottom - top, right - left) * (1 + 2 * PADDING))
     centre_y, centre_x = (top + bottom) // 2, (left + right) // 2
-    box = (centre_x - side // 2, centre_y - side // 2, centre_x - side // 2 + side, centre_y - side // 2 + side)
-    cropped = image.crop(box)  # outside the image: black
-    mask_crop = Image.fromarray(mask.astype(np.uint8) * 255).crop(box)
+    square = (centre_x - side // 2, centre_y - side // 2, centre_x - side // 2 + side, centre_y - side // 2 + side)
+    cropped = image.crop(square)  # outside the image: black
+    mask_crop = Image.fromarray(mask.astype(np.uint8) * 255).crop(square)
     return cropped, np.asarray(mask_crop) > 0
 
 
@@ -163,7 +165,7 @@ def _augment_global(image: Image.Image, mask: np.ndarray, rng: random.Random) ->
     reference's CLIP-side augmentations)."""
     size = (CLIP_SIZE, CLIP_SIZE)
     image = image.resize(size, Image.Resampling.BICUBIC)
-    picture = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
+    resized = picture = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
     if rng.random() < 0.5:
         image, picture = (p.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for p in (image, picture))
     angle = rng.uniform(-20.0, 20.0)
@@ -174,9 +176,7 @@ def _augment_global(image: Image.Image, mask: np.ndarray, rng: random.Random) ->
     if rng.random() < ELASTIC[0]:
         image, picture = _elastic(image, picture, rng)
     moved = np.asarray(picture) > 0
-    if not moved.any():  # a sliver rotated out of frame keeps its mask
-        moved = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
-    return image, moved
+    return image, moved if moved.any() else np.asarray(resized) > 0  # a sliver moved out of frame keeps its mask
 
 
 def _elastic(image: Image.Image, mask: Image.Image, rng: random.Random) -> tuple[Image.Image, Image.Image]:
