@@ -228,8 +228,7 @@ def train(settings: TrainSettings, dataset: ConceptDataset, progress: bool = Tru
     sampler = MicroBatches(len(dataset), settings.batch_size, settings.seed, step * settings.gradient_accumulation,
                            accelerator.process_index, processes)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=_counted,
-                                         num_workers=settings.num_workers, prefetch_factor=2 if
-                                         settings.num_workers else None)
+                                         num_workers=settings.num_workers)
     batches = iter(loader)
     number = step * settings.gradient_accumulation
     result = TrainResult(step, [], output / f"{settings.stage}_mapper.pt", [], 0)
